@@ -1,0 +1,41 @@
+"""Shared fixtures. Real data is read from ../shared/testdata (never copied here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = Path(os.environ.get("TMEQUANT_TESTDATA", REPO.parent / "shared" / "testdata"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path of a file under ../shared/testdata; skips the test (one line) when absent."""
+    p = TESTDATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared test data not found: {p} (set TMEQUANT_TESTDATA)")
+    return p
+
+
+@pytest.fixture
+def testdata() -> Path:
+    """The shared test-data folder; skips when absent."""
+    if not TESTDATA.is_dir():
+        pytest.skip(f"shared test data folder not found: {TESTDATA}")
+    return TESTDATA
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Keep torch deterministic and polite on a 2-core machine during tests."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,5 @@
+import sys
+
+from tmequant.cli import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""The ``tmequant`` command: a thin layer over the library's public functions.
+
+Exit codes: 0 success; 1 one or more slides failed (the others finished) or a runtime
+error; 2 bad usage or input (options, manifest, params file); 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tmequant.cli._app import app
+from tmequant.errors import TmequantError
+
+# Each verb registers itself on `app` when imported.
+from tmequant.cli import tile as _tile  # noqa: F401,E402
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    import typer
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as e:
+        return int(e.exit_code or 0)
+    except TmequantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            print("aborted", file=sys.stderr)
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

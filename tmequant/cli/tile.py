@@ -1,0 +1,1 @@
+"""`tmequant tile` (placeholder until the tiling module lands)."""
