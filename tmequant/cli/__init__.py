@@ -13,6 +13,9 @@ from tmequant.errors import TmequantError
 
 # Each verb registers itself on `app` when imported.
 from tmequant.cli import tile as _tile  # noqa: F401,E402
+from tmequant.cli import predict as _predict  # noqa: F401,E402
+from tmequant.cli import models as _models  # noqa: F401,E402
+from tmequant.cli import train as _train  # noqa: F401,E402
 
 __all__ = ["app", "main"]
 
@@ -22,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     import typer
 
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it
+            return rc
     except typer.Exit as e:
         return int(e.exit_code or 0)
     except TmequantError as e:

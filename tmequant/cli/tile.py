@@ -1,1 +1,66 @@
-"""`tmequant tile` (placeholder until the tiling module lands)."""
+"""`tmequant tile SLIDES... --out DIR`: tile slides at a target MPP into zarr slide stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tmequant.cli._app import app, fail, finish_batch
+
+
+@app.command("tile")
+def tile_cmd(
+    slides: List[str] = typer.Argument(
+        ..., help="Slide files, folders, glob patterns or a CSV manifest (slide_id,path[,mpp])."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <out>/<slide_id>.zarr and .qc.png."),
+    mpp: float = typer.Option(0.5, "--mpp", help="Target pixel size of the tiles, um/px.", show_default=True),
+    tile_px: int = typer.Option(224, "--tile-px", help="Tile side in pixels at --mpp.", show_default=True),
+    mpp_override: Optional[float] = typer.Option(
+        None, "--mpp-override",
+        help="Level-0 pixel size in um/px for slides whose file lacks it (or is wrong); "
+             "a manifest `mpp` column wins per slide. Range 0.05-20."),
+    min_tissue: float = typer.Option(
+        0.25, "--min-tissue", help="Keep tiles whose tissue fraction is >= this (0-1).", show_default=True),
+    mask_mpp: float = typer.Option(
+        8.0, "--mask-mpp", help="Resolution of the tissue mask, um/px.", show_default=True),
+    compression: str = typer.Option(
+        "zstd", "--compression", help="Lossless codec of tiles/images: zstd, zstd-1, zstd-9, blosc-lz4, none.",
+        show_default=True),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-j", help="Reader threads per slide (default: min(4, number of CPUs))."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Rebuild stores made with other parameters (or from a changed slide)."),
+) -> None:
+    """Tile slides at a target MPP (um/px) into one zarr store per slide, tissue only.
+
+    Re-running with the same parameters skips finished slides; an interrupted slide is rebuilt.
+    """
+    from dataclasses import replace
+
+    from tmequant.batch import run_per_slide
+    from tmequant.errors import InputError
+    from tmequant.inputs import expand_slides, parse_mpp
+    from tmequant.tiling.tile import TilingParams, tile_slide
+    from tmequant.wsi.tissue import TissueParams
+
+    if mpp_override is not None:
+        parse_mpp(str(mpp_override), "--mpp-override")
+    try:
+        params = TilingParams(target_mpp_um=mpp, tile_px=tile_px, min_tissue_fraction=min_tissue,
+                              tissue=replace(TissueParams(), mask_mpp_um=mask_mpp),
+                              compression=compression)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if workers is not None and workers < 1:
+        fail("--workers must be >= 1", 2)
+    specs = expand_slides(slides, mpp_override_um=mpp_override)
+    batch = run_per_slide(
+        specs, lambda s: tile_slide(s, out, params, overwrite=overwrite, workers=workers),
+        item_id=lambda s: s.slide_id, stage="tile")
+    for sid, r in batch.results.items():
+        what = "reused" if r.reused else f"{r.tiles_per_s:.1f} tiles/s"
+        typer.echo(f"{sid}\t{r.n_tiles} tiles\t{r.slide_mpp_um:.4g} um/px ({r.mpp_source})\t{what}"
+                   f"\t{r.store_path}")
+    finish_batch(batch, "tile", out)

@@ -1,0 +1,540 @@
+"""Pure aggregators over a :class:`TileGrid` (and an optional cell table).
+
+Definitions, units and defaults: docs/biomarkers.md. Sources:
+
+- Tumour bulk, stromal TIL score (each TIL counted as 8 x 8 um): TIGER challenge,
+  "Tumor InfiltratinG lymphocytes in breast cancER" (tiger.grand-challenge.org, 2022);
+  Amgad et al., npj Breast Cancer 2020 (TILs-WG guidelines for computational sTIL scoring).
+- Invasive margin as a 1 mm band centred on the border: Galon et al., Science 2006 /
+  Pages et al., Lancet 2018 (Immunoscore).
+- TIL-positive tiles (>= 2 lymphocytes per 50 x 50 um): Saltz et al., Cell Rep 2018 (TIL maps).
+- Morisita-Horn co-localisation of cancer and immune cells: Maley et al., Sci Rep 2015.
+- Inflamed / excluded / desert phenotypes on H&E: Hammerman / Park et al., Ann Oncol 2022 (NSCLC).
+- TLS as dense lymphoid aggregates near tumour: Sautes-Fridman et al., Nat Rev Cancer 2019.
+
+Conventions. Areas are tissue areas: tile area x tissue fraction, in um^2 inside functions
+and mm^2 in outputs. Compartments are built on the grid from each tile's *most probable*
+role (morphology needs a binary mask); composition areas use the *probabilities* (expected
+area), so mixed tiles at a boundary count fractionally. Densities are counts over the
+compartment's tissue area (a ratio of sums, not a mean of tile densities), NaN where the
+compartment has no tissue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from tmequant.biomarkers.grid import TileGrid
+from tmequant.biomarkers.params import BiomarkerParams
+from tmequant.roles import TISSUE_ROLES
+
+log = logging.getLogger("tmequant")
+
+UM2_PER_MM2 = 1e6
+_EIGHT = np.ones((3, 3), dtype=bool)
+COMPARTMENT_NAMES = ("tumor", "bulk", "epithelium", "tumor_stroma", "margin", "core")
+
+
+# --- grid helpers ----------------------------------------------------------------------
+@dataclass
+class DenseGrid:
+    """A (rows, cols) raster holding the tiles, padded by ``pad`` cells on each side.
+
+    origin: (row, col) on the slide grid of raster cell (0, 0); r, c: (N,) raster index of
+    each tile; has_tile: (R, C) bool.
+    """
+
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    r: np.ndarray
+    c: np.ndarray
+    has_tile: np.ndarray
+
+    @classmethod
+    def of(cls, rows: np.ndarray, cols: np.ndarray, pad: int) -> "DenseGrid":
+        if rows.size == 0:
+            return cls((0, 0), (2 * pad + 1, 2 * pad + 1), rows.astype(np.int64),
+                       cols.astype(np.int64), np.zeros((2 * pad + 1, 2 * pad + 1), bool))
+        r0, c0 = int(rows.min()) - pad, int(cols.min()) - pad
+        shape = (int(rows.max()) - r0 + pad + 1, int(cols.max()) - c0 + pad + 1)
+        r, c = rows - r0, cols - c0
+        has = np.zeros(shape, dtype=bool)
+        has[r, c] = True
+        return cls((r0, c0), shape, r, c, has)
+
+    def paint(self, values: np.ndarray, fill: Any = 0) -> np.ndarray:
+        """(N,) per-tile values -> (R, C) raster (``fill`` where there is no tile)."""
+        values = np.asarray(values)
+        out = np.full(self.shape, fill, dtype=values.dtype)
+        out[self.r, self.c] = values
+        return out
+
+    def sample(self, raster: np.ndarray) -> np.ndarray:
+        """(R, C) raster -> (N,) values at the tiles."""
+        return raster[self.r, self.c]
+
+
+def disk_footprint(radius_cells: float) -> np.ndarray:
+    """Boolean disk of cells whose centres lie within ``radius_cells`` of the centre cell."""
+    k = int(math.floor(radius_cells + 1e-9))
+    yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+    return (yy * yy + xx * xx) <= radius_cells * radius_cells + 1e-9
+
+
+# --- compartments ----------------------------------------------------------------------
+def tumor_bulk(tumor: np.ndarray, tile_um: float, close_um: float = 1000.0,
+               min_area_mm2: float = 1.5) -> np.ndarray:
+    """Tumour bulk of a (R, C) tumour-tile raster (TIGER): close then open with a disk of
+    diameter ``close_um``, drop 8-connected objects under ``min_area_mm2`` (grid area),
+    fill holes. Returns (R, C) bool. The raster should be padded by the disk radius.
+    """
+    fp = disk_footprint(close_um / 2.0 / tile_um)
+    t = np.asarray(tumor, dtype=bool)
+    if fp.size > 1 and t.any():
+        pad = fp.shape[0]
+        tp = np.pad(t, pad)
+        tp = ndi.binary_closing(tp, structure=fp)
+        tp = ndi.binary_opening(tp, structure=fp)
+        t = tp[pad:-pad, pad:-pad]
+    if not t.any():
+        return t
+    lab, n = ndi.label(t, structure=_EIGHT)
+    area_mm2 = np.bincount(lab.ravel(), minlength=n + 1) * (tile_um * tile_um / UM2_PER_MM2)
+    keep = area_mm2 >= min_area_mm2 - 1e-12
+    keep[0] = False
+    t = keep[lab]
+    return ndi.binary_fill_holes(t)
+
+
+@dataclass
+class Compartments:
+    """Grid-shaped compartment maps (all (R, C) bool) and per-tile distances.
+
+    origin: slide-grid (row, col) of raster cell (0, 0). ``bulk``, ``margin`` and ``core`` are
+    regions (they may cover cells without a tissue tile); ``tumor``, ``epithelium`` and
+    ``tumor_stroma`` are tiles. dist_to_bulk_um: (N,) centre distance of each tile to the
+    nearest bulk cell (0 inside; inf without a bulk).
+    """
+
+    origin: tuple[int, int]
+    tumor: np.ndarray
+    bulk: np.ndarray
+    epithelium: np.ndarray
+    tumor_stroma: np.ndarray
+    margin: np.ndarray
+    core: np.ndarray
+    dense: DenseGrid
+    dist_to_bulk_um: np.ndarray
+
+    def maps(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in COMPARTMENT_NAMES}
+
+    def tiles(self, name: str) -> np.ndarray:
+        """(N,) bool: tiles in compartment ``name``."""
+        return self.dense.sample(getattr(self, name))
+
+
+def compartments(grid: TileGrid, params: BiomarkerParams = BiomarkerParams()) -> Compartments:
+    """Tumour bulk, epithelium, tumour-associated stroma, invasive margin and core.
+
+    The margin is the band of cells whose centre lies within ``margin_um`` of the bulk
+    border on either side; the border runs between cells, so a cell's distance to it is its
+    Euclidean distance transform (in um) minus half a pitch.
+    """
+    t = grid.tile_um
+    pad = int(math.ceil(max(params.bulk_close_um / 2.0, params.margin_um) / t)) + 2
+    dense = DenseGrid.of(grid.rows, grid.cols, pad)
+    roles = grid.hard_roles()
+    ti = TISSUE_ROLES.index
+    tumor = dense.paint(roles == ti("tumor"), False)
+    bulk = tumor_bulk(tumor, t, params.bulk_close_um, params.bulk_min_area_mm2)
+    epithelium = tumor & bulk
+    strom = dense.paint((roles == ti("stroma")) | (roles == ti("immune")), False) & bulk
+    if bulk.any():
+        d_in = ndi.distance_transform_edt(bulk) * t
+        d_out = ndi.distance_transform_edt(~bulk) * t
+        to_border = np.where(bulk, d_in, d_out) - t / 2.0
+        margin = to_border <= params.margin_um + 1e-9
+        dist = dense.sample(d_out)
+    else:
+        margin = np.zeros(dense.shape, dtype=bool)
+        dist = np.full(grid.n_tiles, np.inf)
+    return Compartments(origin=dense.origin, tumor=tumor, bulk=bulk, epithelium=epithelium,
+                        tumor_stroma=strom, margin=margin, core=bulk & ~margin, dense=dense,
+                        dist_to_bulk_um=dist)
+
+
+# --- counts ----------------------------------------------------------------------------
+def counts_from_cells(grid: TileGrid, cells: pd.DataFrame,
+                      role_map: Mapping[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bin a cell table (x, y level-0 px; ``class`` or ``role``) onto the grid's tiles.
+
+    Returns (lymphocytes (N,), tumour cells (N,), number of cells outside every tile).
+    """
+    from tmequant.biomarkers.cells import cell_roles
+
+    role = cells["role"].to_numpy() if "role" in cells else cell_roles(cells["class"], role_map)
+    s = float(grid.tile_level0_px)  # type: ignore[arg-type]
+    r = np.floor(cells["y"].to_numpy(dtype=np.float64) / s).astype(np.int64)
+    c = np.floor(cells["x"].to_numpy(dtype=np.float64) / s).astype(np.int64)
+    n = grid.n_tiles
+    if n == 0:
+        return np.zeros(0), np.zeros(0), int(len(cells))
+    dense = DenseGrid.of(grid.rows, grid.cols, 0)
+    idx = np.full(dense.shape, -1, dtype=np.int64)
+    idx[dense.r, dense.c] = np.arange(n)
+    rr, cc = r - dense.origin[0], c - dense.origin[1]
+    inside = (rr >= 0) & (cc >= 0) & (rr < dense.shape[0]) & (cc < dense.shape[1])
+    tile = np.full(r.shape, -1, dtype=np.int64)
+    tile[inside] = idx[rr[inside], cc[inside]]
+    ok = tile >= 0
+    lymph = np.bincount(tile[ok & (role == "lymphocyte")], minlength=n).astype(np.float64)
+    tumor = np.bincount(tile[ok & (role == "tumor_cell")], minlength=n).astype(np.float64)
+    return lymph, tumor, int((~ok).sum())
+
+
+def lymphocyte_counts(grid: TileGrid, params: BiomarkerParams = BiomarkerParams()) -> tuple[np.ndarray, str]:
+    """(N,) lymphocytes per tile and their source; without counts, immune-role area x
+    ``area_estimate_per_mm2`` (source ``area_estimate``)."""
+    if grid.lymphocyte_counts is not None:
+        return grid.lymphocyte_counts, grid.count_source or "model"
+    est = grid.prob("immune") * grid.tissue_area_um2 * params.area_estimate_per_mm2 / UM2_PER_MM2
+    return est, "area_estimate"
+
+
+def tile_density_per_mm2(counts: np.ndarray, area_um2: np.ndarray) -> np.ndarray:
+    """(N,) cells per mm^2 of tissue; NaN where a tile has no tissue."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(area_um2 > 0, counts / area_um2 * UM2_PER_MM2, np.nan)
+
+
+def til_density(counts: np.ndarray, area_um2: np.ndarray, mask: np.ndarray) -> float:
+    """Lymphocytes per mm^2 of tissue over the tiles in ``mask`` (NaN with no tissue)."""
+    a = float(area_um2[mask].sum())
+    return float(counts[mask].sum()) / a * UM2_PER_MM2 if a > 0 else math.nan
+
+
+def stil_score_pct(n_til: float, stroma_area_um2: float, til_area_um2: float = 64.0) -> float:
+    """TIGER stromal TIL score: clip(100 * n_TIL * 64 um^2 / stroma area, 0, 100); NaN without stroma."""
+    if not stroma_area_um2 > 0:
+        return math.nan
+    return float(np.clip(100.0 * n_til * til_area_um2 / stroma_area_um2, 0.0, 100.0))
+
+
+def til_positive_fraction(tile_density: np.ndarray, mask: np.ndarray, threshold_per_mm2: float) -> float:
+    """Share of tiles in ``mask`` whose density is >= threshold (NaN when ``mask`` is empty).
+    Tiles without tissue (NaN density) count as negative."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return math.nan
+    return float(np.mean(np.nan_to_num(tile_density[m], nan=-1.0) >= threshold_per_mm2))
+
+
+def exclusion_ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator; inf when only the denominator is 0, NaN when both are 0
+    or either is undefined (never a crash, never a silent 0)."""
+    if not (math.isfinite(numerator) and math.isfinite(denominator)):
+        return math.nan
+    if denominator == 0:
+        return math.inf if numerator > 0 else math.nan
+    return numerator / denominator
+
+
+def morisita_horn(a: np.ndarray, b: np.ndarray) -> float:
+    """Morisita-Horn overlap of two count vectors over the same squares (Maley 2015).
+
+    MH = 2 sum(p_i q_i) / (sum p_i^2 + sum q_i^2), p = a / sum a, q = b / sum b;
+    1 = same distribution, 0 = disjoint; NaN when either population is empty.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    sa, sb = a.sum(), b.sum()
+    if not (sa > 0 and sb > 0):
+        return math.nan
+    p, q = a / sa, b / sb
+    return float(np.clip(2.0 * np.dot(p, q) / (np.dot(p, p) + np.dot(q, q)), 0.0, 1.0))
+
+
+def square_counts(x_um: np.ndarray, y_um: np.ndarray, side_um: float,
+                  groups: list[np.ndarray]) -> list[np.ndarray]:
+    """Count points per ``side_um`` square; ``groups`` are boolean masks over the points.
+    Returns one (S,) vector per group over the same occupied squares."""
+    sx = np.floor(x_um / side_um).astype(np.int64)
+    sy = np.floor(y_um / side_um).astype(np.int64)
+    key = (sy - sy.min(initial=0)) * (int(sx.max(initial=0) - sx.min(initial=0)) + 1) + (sx - sx.min(initial=0))
+    _, inv = np.unique(key, return_inverse=True)
+    m = int(inv.max(initial=-1)) + 1
+    return [np.bincount(inv[g], minlength=m).astype(np.float64) for g in groups]
+
+
+def block_sums(rows: np.ndarray, cols: np.ndarray, block: int, values: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Sum per-tile values over ``block`` x ``block`` tile squares anchored at grid (0, 0).
+    Returns ((N,) block id per tile, [(B,) sums per value])."""
+    br, bc = np.floor_divide(rows, block), np.floor_divide(cols, block)
+    key = (br - br.min(initial=0)) * (int(bc.max(initial=0) - bc.min(initial=0)) + 1) + (bc - bc.min(initial=0))
+    _, inv = np.unique(key, return_inverse=True)
+    m = int(inv.max(initial=-1)) + 1
+    return inv, [np.bincount(inv, weights=v, minlength=m) for v in values]
+
+
+# --- phenotype -------------------------------------------------------------------------
+def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
+                     params: BiomarkerParams = BiomarkerParams()) -> dict[str, Any]:
+    """Inflamed / excluded / desert over bulk regions of ``phenotype_region_mm2``.
+
+    Regions are squares of round(sqrt(region area) / tile_um) tiles (at least 1) anchored at
+    the grid origin, restricted to bulk tiles. A region is scored when its epithelium area is
+    >= ``phenotype_min_tumor_fraction`` of its bulk tissue area; thresholds are inclusive.
+    With no scored region the label is ``not_evaluable`` (the spec would say desert, which
+    would call a tumour-free slide immune-cold).
+    """
+    side = max(1, int(round(math.sqrt(params.phenotype_region_mm2 * UM2_PER_MM2) / grid.tile_um)))
+    area = grid.tissue_area_um2
+    in_bulk = comp.tiles("bulk")
+    epi = comp.tiles("epithelium")
+    strom = comp.tiles("tumor_stroma")
+    out: dict[str, Any] = {"phenotype_region_um": side * grid.tile_um}
+    nan_out = {"immune_phenotype": "not_evaluable", "phenotype_regions_n": 0,
+               "phenotype_inflamed_fraction": math.nan, "phenotype_excluded_fraction": math.nan,
+               "phenotype_desert_fraction": math.nan}
+    if not in_bulk.any():
+        return {**out, **nan_out}
+    b = in_bulk
+    _, (a_bulk, a_epi, a_str, l_epi, l_str) = block_sums(
+        grid.rows[b], grid.cols[b], side,
+        [area[b], area[b] * epi[b], area[b] * strom[b], counts[b] * epi[b], counts[b] * strom[b]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(a_bulk > 0, a_epi / a_bulk, 0.0)
+        it = np.where(a_epi > 0, l_epi / a_epi * UM2_PER_MM2, np.nan)
+        st = np.where(a_str > 0, l_str / a_str * UM2_PER_MM2, np.nan)
+    scored = (a_bulk > 0) & (a_epi > 0) & (frac >= params.phenotype_min_tumor_fraction - 1e-12)
+    n = int(scored.sum())
+    if n == 0:
+        return {**out, **nan_out}
+    inflamed = scored & (np.nan_to_num(it, nan=-1) >= params.inflamed_it_per_mm2)
+    excluded = scored & ~inflamed & (np.nan_to_num(st, nan=-1) >= params.excluded_st_per_mm2)
+    desert = scored & ~inflamed & ~excluded
+    f_inf, f_exc, f_des = inflamed.sum() / n, excluded.sum() / n, desert.sum() / n
+    thr = params.phenotype_fraction - 1e-12
+    label = "inflamed" if f_inf >= thr else "excluded" if f_exc >= thr else "desert"
+    return {**out, "immune_phenotype": label, "phenotype_regions_n": n,
+            "phenotype_inflamed_fraction": float(f_inf), "phenotype_excluded_fraction": float(f_exc),
+            "phenotype_desert_fraction": float(f_des)}
+
+
+# --- TLS -------------------------------------------------------------------------------
+TLS_COLUMNS = ["tls_id", "area_um2", "n_lymphocytes", "mean_density_per_mm2", "centroid_x_px",
+               "centroid_y_px", "centroid_x_um", "centroid_y_um", "distance_to_bulk_um",
+               "bulk_overlap_fraction", "location", "n_tiles"]
+
+
+def find_tls(grid: TileGrid, comp: Compartments, counts: np.ndarray,
+             params: BiomarkerParams = BiomarkerParams()) -> tuple[np.ndarray, pd.DataFrame]:
+    """Tertiary lymphoid structures: 8-connected immune-role tiles (P >= ``tls_prob``) with
+    lymphocyte density >= ``tls_min_density_per_mm2``, area >= ``tls_min_area_um2``, whose gap
+    to the bulk (centre distance minus one pitch, so an adjacent tile has gap 0) is at most
+    ``tls_max_distance_um``. Intratumoural when >= half its area lies in the bulk.
+
+    Returns ((N,) int TLS id per tile, 0 = none; ids 1..k in raster order) and the TLS table.
+    No bulk means no TLS: aggregates far from tumour (lymph node) are not TLS.
+    """
+    n = grid.n_tiles
+    labels = np.zeros(n, dtype=np.int64)
+    empty = pd.DataFrame({c: pd.Series(dtype=float) for c in TLS_COLUMNS})
+    if n == 0 or not comp.bulk.any():
+        return labels, empty
+    area = grid.tissue_area_um2
+    dens = tile_density_per_mm2(counts, area)
+    cand = (grid.prob("immune") >= params.tls_prob) & (np.nan_to_num(dens, nan=-1) >= params.tls_min_density_per_mm2)
+    if not cand.any():
+        return labels, empty
+    lab_r, k = ndi.label(comp.dense.paint(cand, False), structure=_EIGHT)
+    comp_id = comp.dense.sample(lab_r) * cand
+    gap = np.maximum(comp.dist_to_bulk_um - grid.tile_um, 0.0)
+    in_bulk = comp.tiles("bulk")
+    idx = comp_id[cand]
+    m = k + 1
+    a = np.bincount(idx, weights=area[cand], minlength=m)
+    nl = np.bincount(idx, weights=counts[cand], minlength=m)
+    nt = np.bincount(idx, minlength=m)
+    s = float(grid.tile_level0_px)  # type: ignore[arg-type]
+    cx = (grid.cols[cand] + 0.5) * s
+    cy = (grid.rows[cand] + 0.5) * s
+    w = area[cand]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mx = np.bincount(idx, weights=cx * w, minlength=m) / a
+        my = np.bincount(idx, weights=cy * w, minlength=m) / a
+        overlap = np.bincount(idx, weights=w * in_bulk[cand], minlength=m) / a
+    mingap = np.full(m, np.inf)
+    np.minimum.at(mingap, idx, gap[cand])
+    keep = (a >= params.tls_min_area_um2 - 1e-9) & (mingap <= params.tls_max_distance_um + 1e-9) & (a > 0)
+    keep[0] = False
+    ids = np.flatnonzero(keep)
+    new = np.zeros(m, dtype=np.int64)
+    new[ids] = np.arange(1, len(ids) + 1)
+    labels = new[comp_id]
+    mpp = grid.slide_mpp_um
+    table = pd.DataFrame({
+        "tls_id": np.arange(1, len(ids) + 1), "area_um2": a[ids], "n_lymphocytes": nl[ids],
+        "mean_density_per_mm2": nl[ids] / a[ids] * UM2_PER_MM2,
+        "centroid_x_px": mx[ids], "centroid_y_px": my[ids],
+        "centroid_x_um": mx[ids] * mpp, "centroid_y_um": my[ids] * mpp,
+        "distance_to_bulk_um": mingap[ids], "bulk_overlap_fraction": overlap[ids],
+        "location": np.where(overlap[ids] >= 0.5, "intratumoral", "peritumoral"),
+        "n_tiles": nt[ids],
+    })
+    return labels, table
+
+
+# --- composition -----------------------------------------------------------------------
+def composition(grid: TileGrid, in_bulk: np.ndarray) -> dict[str, Any]:
+    """Expected tissue area per role (probabilities x tissue area, probabilities renormalised
+    to sum to 1 per tile), fractions of non-background tissue, and the tumour-stroma ratio
+    stroma / (stroma + tumour) inside the bulk (stroma-high when > 0.5)."""
+    area = grid.tissue_area_um2
+    stack = np.stack([grid.prob(r) for r in TISSUE_ROLES], axis=0)
+    tot = stack.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(tot > 0, stack / tot, 0.0)
+    role_area = {r: float((p[i] * area).sum()) for i, r in enumerate(TISSUE_ROLES)}
+    tissue = sum(v for r, v in role_area.items() if r != "background")
+    out: dict[str, Any] = {"tissue_area_mm2": tissue / UM2_PER_MM2}
+    for r in TISSUE_ROLES:
+        if r == "background":
+            continue
+        out[f"{r}_area_mm2"] = role_area[r] / UM2_PER_MM2
+    for r in TISSUE_ROLES:
+        if r == "background":
+            continue
+        out[f"{r}_fraction"] = role_area[r] / tissue if tissue > 0 else math.nan
+    ti = TISSUE_ROLES.index
+    t_b = float((p[ti("tumor")] * area * in_bulk).sum())
+    s_b = float((p[ti("stroma")] * area * in_bulk).sum())
+    tsr = s_b / (s_b + t_b) if (s_b + t_b) > 0 else math.nan
+    out["tumor_stroma_ratio"] = tsr
+    out["stroma_high"] = bool(tsr > 0.5) if math.isfinite(tsr) else None
+    return out
+
+
+# --- everything ------------------------------------------------------------------------
+@dataclass
+class BiomarkerResult:
+    """One slide's biomarkers.
+
+    row: one output row (units in column names, parameters as ``param_<name>``, provenance);
+    tls: per-TLS table; compartments: grid maps; lymphocyte_density_per_mm2 and tls_labels: (N,).
+    """
+
+    row: dict[str, Any]
+    tls: pd.DataFrame
+    compartments: Compartments
+    lymphocyte_density_per_mm2: np.ndarray
+    tls_labels: np.ndarray
+    lymphocyte_counts: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+PROVENANCE_KEYS = ("slide_id", "source_path", "source_fingerprint", "slide_mpp_um", "mpp_source",
+                   "target_mpp_um", "tile_px", "model_name", "model_version", "store_path")
+
+
+def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
+                       params: BiomarkerParams = BiomarkerParams(),
+                       cell_role_map: Mapping[str, str] | None = None) -> BiomarkerResult:
+    """All biomarkers of docs/biomarkers.md for one slide.
+
+    ``cells`` (x, y level-0 px, class), when given, replaces the grid's counts
+    (count_source ``cell_table``) and gives Morisita-Horn at cell resolution.
+    """
+    from tmequant.provenance import package_version, params_hash, to_jsonable
+
+    if cells is not None:
+        from tmequant.biomarkers.cells import cell_roles
+
+        if "role" not in cells:
+            cells = cells.assign(role=cell_roles(cells["class"], cell_role_map))
+        grid = grid.with_cells(cells)
+    comp = compartments(grid, params)
+    counts, source = lymphocyte_counts(grid, params)
+    area = grid.tissue_area_um2
+    dens = tile_density_per_mm2(counts, area)
+    t = {k: comp.tiles(k) for k in ("bulk", "epithelium", "tumor_stroma", "margin", "core")}
+
+    row: dict[str, Any] = {}
+    meta = grid.metadata
+    for k in PROVENANCE_KEYS:
+        row[k] = meta.get(k)
+    if isinstance(row.get("source_fingerprint"), dict):
+        row["source_fingerprint"] = row["source_fingerprint"].get("sha256_head_tail")
+    row["slide_mpp_um"] = grid.slide_mpp_um
+    row["tile_um"] = grid.tile_um
+    row["tile_level0_px"] = grid.tile_level0_px
+    row["n_tiles"] = grid.n_tiles
+    row["count_source"] = source
+    row.update(composition(grid, t["bulk"]))
+    for k in ("bulk", "epithelium", "tumor_stroma", "margin", "core"):
+        row[f"{k}_area_mm2"] = float(area[t[k]].sum()) / UM2_PER_MM2
+
+    row["lymphocytes_total"] = float(counts.sum())
+    row["lymphocytes_intratumoral"] = float(counts[t["epithelium"]].sum())
+    row["lymphocytes_stromal"] = float(counts[t["tumor_stroma"]].sum())
+    row["til_density_intratumoral_per_mm2"] = it = til_density(counts, area, t["epithelium"])
+    row["til_density_stromal_per_mm2"] = st = til_density(counts, area, t["tumor_stroma"])
+    row["til_density_core_per_mm2"] = co = til_density(counts, area, t["core"])
+    row["til_density_margin_per_mm2"] = ma = til_density(counts, area, t["margin"])
+    row["stil_score_pct"] = stil_score_pct(row["lymphocytes_stromal"], float(area[t["tumor_stroma"]].sum()),
+                                           params.til_area_um2)
+    row["til_positive_tile_fraction"] = til_positive_fraction(dens, t["bulk"], params.til_positive_per_mm2)
+    row["exclusion_ratio_stroma_to_tumor"] = exclusion_ratio(st, it)
+    row["exclusion_ratio_margin_to_core"] = exclusion_ratio(ma, co)
+    row.update(_morisita_horn(grid, cells, counts, params))
+    row.update(immune_phenotype(grid, comp, counts, params))
+
+    labels, tls = find_tls(grid, comp, counts, params)
+    peri_area = float(area[t["bulk"] | t["margin"]].sum())
+    row["tls_count"] = int(len(tls))
+    row["tls_per_mm2"] = len(tls) / peri_area * UM2_PER_MM2 if peri_area > 0 else math.nan
+    row["tls_intratumoral_count"] = int((tls["location"] == "intratumoral").sum()) if len(tls) else 0
+    row["tls_peritumoral_count"] = int((tls["location"] == "peritumoral").sum()) if len(tls) else 0
+    row["tls_total_area_mm2"] = float(tls["area_um2"].sum()) / UM2_PER_MM2 if len(tls) else 0.0
+
+    for k, v in meta.items():
+        if k.startswith("n_cells"):
+            row[k] = v
+    row["params_hash"] = params_hash(params)
+    row["package_version"] = package_version()
+    for k, v in to_jsonable(params).items():
+        row[f"param_{k}"] = v
+    if len(tls):
+        tls.insert(0, "slide_id", meta.get("slide_id"))
+    return BiomarkerResult(row=row, tls=tls, compartments=comp, lymphocyte_density_per_mm2=dens,
+                           tls_labels=labels, lymphocyte_counts=counts)
+
+
+def _morisita_horn(grid: TileGrid, cells: pd.DataFrame | None, counts: np.ndarray,
+                   params: BiomarkerParams) -> dict[str, Any]:
+    """Morisita-Horn of tumour cells vs lymphocytes: at cell resolution on ``mh_cell_um``
+    squares with a cell table; otherwise on blocks of round(mh_cell_um / tile_um) tiles
+    (>= 1, the tile is the finest square) using tumour-cell counts, or tumour-role area
+    as the tumour distribution when there are none."""
+    if cells is not None and len(cells):
+        role = cells["role"].to_numpy()
+        mpp = grid.slide_mpp_um
+        lym, tum = square_counts(cells["x"].to_numpy(float) * mpp, cells["y"].to_numpy(float) * mpp,
+                                 params.mh_cell_um, [role == "lymphocyte", role == "tumor_cell"])
+        return {"morisita_horn": morisita_horn(tum, lym), "morisita_horn_square_um": params.mh_cell_um,
+                "morisita_horn_tumor_source": "cell_table"}
+    block = max(1, int(round(params.mh_cell_um / grid.tile_um)))
+    if grid.tumor_cell_counts is not None:
+        tumor, src = grid.tumor_cell_counts, grid.count_source or "model"
+    else:
+        tumor, src = grid.prob("tumor") * grid.tissue_area_um2, "tumor_area"
+    _, (lym, tum) = block_sums(grid.rows, grid.cols, block, [counts, tumor])
+    return {"morisita_horn": morisita_horn(tum, lym), "morisita_horn_square_um": block * grid.tile_um,
+            "morisita_horn_tumor_source": src}

@@ -1,0 +1,252 @@
+"""The tile grid the aggregators work on: geometry, role probabilities, optional counts.
+
+A :class:`TileGrid` is in memory and model-agnostic: probabilities are already summed per
+role (docs/biomarkers.md "Roles"), so every aggregator speaks only of roles. Build one from a
+slide store (:meth:`TileGrid.from_store`) or from a caller's own table (:meth:`TileGrid.from_table`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from tmequant.errors import InputError, StoreError
+from tmequant.roles import COUNT_SOURCES, TISSUE_ROLES
+
+log = logging.getLogger("tmequant")
+
+
+@dataclass
+class TileGrid:
+    """N tiles on a regular grid of pitch ``tile_um`` anchored at level-0 (0, 0).
+
+    rows, cols: (N,) int grid indices; tile ``i`` covers level-0 x in
+    ``[cols[i] * tile_level0_px, (cols[i] + 1) * tile_level0_px)`` and y likewise.
+    role_probs: role -> (N,) float, the summed class probabilities of each tissue role.
+    tissue_fraction: (N,) share of the tile covered by tissue, 0-1.
+    lymphocyte_counts / tumor_cell_counts: (N,) cells per tile, or None.
+    count_source: where lymphocyte_counts came from (tmequant.roles.COUNT_SOURCES), or None.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    tile_um: float
+    slide_mpp_um: float
+    role_probs: dict[str, np.ndarray]
+    tissue_fraction: np.ndarray
+    tile_level0_px: float | None = None
+    lymphocyte_counts: np.ndarray | None = None
+    tumor_cell_counts: np.ndarray | None = None
+    count_source: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rows = np.asarray(self.rows, dtype=np.int64).ravel()
+        self.cols = np.asarray(self.cols, dtype=np.int64).ravel()
+        n = self.rows.shape[0]
+        if self.cols.shape[0] != n:
+            raise InputError(f"rows ({n}) and cols ({self.cols.shape[0]}) differ in length")
+        if not (np.isfinite(self.tile_um) and self.tile_um > 0):
+            raise InputError(f"tile_um must be > 0, got {self.tile_um!r}")
+        if not (np.isfinite(self.slide_mpp_um) and self.slide_mpp_um > 0):
+            raise InputError(f"slide_mpp_um must be > 0, got {self.slide_mpp_um!r}")
+        if self.tile_level0_px is None:
+            self.tile_level0_px = self.tile_um / self.slide_mpp_um
+        self.tile_level0_px = float(self.tile_level0_px)
+        unknown = set(self.role_probs) - set(TISSUE_ROLES)
+        if unknown:
+            raise InputError(f"unknown tissue roles {sorted(unknown)}; valid: {list(TISSUE_ROLES)}")
+        probs = {}
+        for r, v in self.role_probs.items():
+            a = np.asarray(v, dtype=np.float64).ravel()
+            if a.shape[0] != n:
+                raise InputError(f"role_probs[{r!r}] has {a.shape[0]} values for {n} tiles")
+            probs[r] = np.nan_to_num(np.clip(a, 0.0, 1.0))
+        self.role_probs = probs
+        tf = np.asarray(self.tissue_fraction, dtype=np.float64).ravel()
+        if tf.shape[0] != n:
+            raise InputError(f"tissue_fraction has {tf.shape[0]} values for {n} tiles")
+        self.tissue_fraction = np.clip(np.nan_to_num(tf), 0.0, 1.0)
+        for name in ("lymphocyte_counts", "tumor_cell_counts"):
+            v = getattr(self, name)
+            if v is not None:
+                a = np.asarray(v, dtype=np.float64).ravel()
+                if a.shape[0] != n:
+                    raise InputError(f"{name} has {a.shape[0]} values for {n} tiles")
+                if (a < 0).any() or not np.isfinite(a).all():
+                    raise InputError(f"{name} must be finite and >= 0")
+                setattr(self, name, a)
+        if self.count_source is not None and self.count_source not in COUNT_SOURCES:
+            raise InputError(f"count_source {self.count_source!r} not in {list(COUNT_SOURCES)}")
+        if n and len(np.unique(np.stack([self.rows, self.cols], axis=1), axis=0)) != n:
+            raise InputError("tile grid has duplicate (row, col) positions")
+
+    # --- derived -----------------------------------------------------------------------
+    @property
+    def n_tiles(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def tile_area_um2(self) -> float:
+        return float(self.tile_um) ** 2
+
+    @property
+    def tissue_area_um2(self) -> np.ndarray:
+        """(N,) tissue area per tile in um^2 = tile area x tissue fraction."""
+        return self.tile_area_um2 * self.tissue_fraction
+
+    def prob(self, role: str) -> np.ndarray:
+        """(N,) probability of ``role`` (zeros when the model has no class with that role)."""
+        return self.role_probs.get(role, np.zeros(self.n_tiles))
+
+    def hard_roles(self) -> np.ndarray:
+        """(N,) int index into TISSUE_ROLES of each tile's most probable role (ties: first role)."""
+        stack = np.stack([self.prob(r) for r in TISSUE_ROLES], axis=0)
+        return np.argmax(stack, axis=0)
+
+    # --- constructors ------------------------------------------------------------------
+    @classmethod
+    def from_store(cls, store_or_path: Any, model_name: str, cells: pd.DataFrame | None = None,
+                   cell_role_map: Mapping[str, str] | None = None) -> "TileGrid":
+        """Grid of a finished slide store and its ``predictions/<model_name>`` group.
+
+        Counts, by precedence: ``cells`` (a cell table, see read_cell_table) > the model's
+        count head > the nucleus counter (``nuclei/counts``, column 0 = lymphocyte) > none
+        (compute_biomarkers then estimates them from immune-role area: ``area_estimate``).
+        """
+        from tmequant.tiling.store import SlideStore
+
+        store = store_or_path if isinstance(store_or_path, SlideStore) else SlideStore(store_or_path)
+        grp = store.predictions(model_name)
+        card = _card_dict(grp.attrs.get("card"), store.path, model_name)
+        tissue_classes = list(card.get("tissue_classes") or [])
+        tissue_roles = dict(card.get("tissue_roles") or {})
+        if "tissue_probs" not in grp:
+            raise StoreError(f"predictions/{model_name} has no tissue_probs", store.path)
+        probs = np.asarray(grp["tissue_probs"][...], dtype=np.float32)
+        n = store.n_tiles
+        if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != len(tissue_classes):
+            raise StoreError(
+                f"predictions/{model_name}/tissue_probs has shape {probs.shape}, expected "
+                f"({n}, {len(tissue_classes)}) from the card's tissue_classes", store.path)
+        role_probs = _sum_by_role(probs, tissue_classes, tissue_roles, store.path)
+        grid_rc = store.grid
+        attrs = store.attrs
+        meta = {
+            "slide_id": attrs.get("slide_id"), "source_path": attrs.get("source_path"),
+            "source_fingerprint": attrs.get("source_fingerprint"),
+            "slide_mpp_um": attrs.get("slide_mpp_um"), "mpp_source": attrs.get("mpp_source"),
+            "target_mpp_um": attrs.get("target_mpp_um"), "tile_px": attrs.get("tile_px"),
+            "store_path": store.path, "store_params_hash": attrs.get("params_hash"),
+            "model_name": card.get("name", model_name), "model_version": card.get("version"),
+            "predictions_params_hash": grp.attrs.get("params_hash"),
+        }
+        lymph = tumor = None
+        source = None
+        cell_classes = list(card.get("cell_classes") or [])
+        cell_roles_map = dict(card.get("cell_roles") or {})
+        if "cell_counts" in grp and cell_classes:
+            counts = np.asarray(grp["cell_counts"][...], dtype=np.float64)
+            if counts.shape == (n, len(cell_classes)):
+                by_role = _sum_by_role(counts, cell_classes, cell_roles_map, store.path)
+                if "lymphocyte" in by_role:
+                    lymph, source = np.clip(by_role["lymphocyte"], 0, None), "model"
+                if "tumor_cell" in by_role:
+                    tumor = np.clip(by_role["tumor_cell"], 0, None)
+        if lymph is None:
+            nuc = store.nuclei_counts()
+            if nuc is not None and nuc.shape[0] == n:
+                lymph, source = np.clip(nuc[:, 0].astype(np.float64), 0, None), "nucleus_counter"
+        grid = cls(rows=grid_rc[:, 0], cols=grid_rc[:, 1], tile_um=store.tile_um,
+                   slide_mpp_um=store.slide_mpp_um, tile_level0_px=store.tile_level0_px,
+                   role_probs=role_probs, tissue_fraction=store.tissue_fraction,
+                   lymphocyte_counts=lymph, tumor_cell_counts=tumor, count_source=source,
+                   metadata=meta)
+        if cells is not None:
+            grid = grid.with_cells(cells, cell_role_map)
+        return grid
+
+    @classmethod
+    def from_table(cls, df: pd.DataFrame, tile_um: float, slide_mpp_um: float,
+                   class_roles: Mapping[str, str] | None = None,
+                   tile_level0_px: float | None = None,
+                   metadata: Mapping[str, Any] | None = None) -> "TileGrid":
+        """Grid from a caller's per-tile table (one row per tile).
+
+        Position: ``row, col`` columns, or ``x, y`` (level-0 px of the top-left corner).
+        Probabilities: with ``class_roles`` (class column -> role) the class columns are
+        summed per role; otherwise columns named ``<role>`` or ``prob_<role>``.
+        Optional: ``tissue_fraction`` (default 1), ``lymphocyte_count``, ``tumor_cell_count``
+        (counts per tile; count_source ``model``).
+        """
+        cols = set(map(str, df.columns))
+        l0 = tile_level0_px or tile_um / slide_mpp_um
+        if {"row", "col"} <= cols:
+            rows, cs = df["row"].to_numpy(), df["col"].to_numpy()
+        elif {"x", "y"} <= cols:
+            rows = np.floor(df["y"].to_numpy(dtype=float) / l0 + 1e-6).astype(np.int64)
+            cs = np.floor(df["x"].to_numpy(dtype=float) / l0 + 1e-6).astype(np.int64)
+        else:
+            raise InputError("tile table needs row/col or x/y columns")
+        role_probs: dict[str, np.ndarray] = {}
+        if class_roles:
+            missing = [c for c in class_roles if c not in cols]
+            if missing:
+                raise InputError(f"tile table lacks class columns {missing}")
+            for c, r in class_roles.items():
+                role_probs[r] = role_probs.get(r, 0) + df[c].to_numpy(dtype=float)
+        else:
+            for r in TISSUE_ROLES:
+                for name in (r, f"prob_{r}"):
+                    if name in cols:
+                        role_probs[r] = df[name].to_numpy(dtype=float)
+            if not role_probs:
+                raise InputError(f"tile table has no role columns (any of {list(TISSUE_ROLES)})")
+        tf = df["tissue_fraction"].to_numpy(dtype=float) if "tissue_fraction" in cols else np.ones(len(df))
+        lymph = df["lymphocyte_count"].to_numpy(dtype=float) if "lymphocyte_count" in cols else None
+        tumor = df["tumor_cell_count"].to_numpy(dtype=float) if "tumor_cell_count" in cols else None
+        return cls(rows=rows, cols=cs, tile_um=tile_um, slide_mpp_um=slide_mpp_um,
+                   tile_level0_px=l0, role_probs=role_probs, tissue_fraction=tf,
+                   lymphocyte_counts=lymph, tumor_cell_counts=tumor,
+                   count_source="model" if lymph is not None else None,
+                   metadata=dict(metadata or {}))
+
+    def with_cells(self, cells: pd.DataFrame, cell_role_map: Mapping[str, str] | None = None) -> "TileGrid":
+        """A copy whose counts come from a cell table (count_source ``cell_table``)."""
+        from dataclasses import replace
+
+        from tmequant.biomarkers.aggregate import counts_from_cells
+
+        lymph, tumor, outside = counts_from_cells(self, cells, cell_role_map)
+        meta = dict(self.metadata, n_cells=int(len(cells)), n_cells_outside_tiles=int(outside))
+        return replace(self, lymphocyte_counts=lymph, tumor_cell_counts=tumor,
+                       count_source="cell_table", metadata=meta)
+
+
+def _card_dict(card: Any, path: str, model_name: str) -> dict[str, Any]:
+    if isinstance(card, str):
+        try:
+            card = json.loads(card)
+        except ValueError:
+            card = None
+    if not isinstance(card, dict) or "tissue_classes" not in card:
+        raise StoreError(f"predictions/{model_name} has no valid model card (attribute 'card')", path)
+    return card
+
+
+def _sum_by_role(values: np.ndarray, classes: list[str], roles: Mapping[str, str],
+                 path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """(N, K) per-class values -> role -> (N,) sums over the classes with that role."""
+    out: dict[str, np.ndarray] = {}
+    for k, c in enumerate(classes):
+        r = roles.get(c)
+        if r is None:
+            raise StoreError(f"model card maps no role to class {c!r}", path)
+        out[r] = out.get(r, 0) + values[:, k].astype(np.float64)
+    return out

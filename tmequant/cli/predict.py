@@ -1,0 +1,90 @@
+"""`tmequant predict STORES... --model NAME_OR_PATH`: per-tile predictions into each store."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tmequant.cli._app import app, fail, finish_batch
+
+
+def expand_stores(args: list[str]) -> list[str]:
+    """Store paths from arguments: ``x.zarr`` stores, folders of ``*.zarr``, glob patterns.
+
+    A path that does not exist is kept (it fails on its own, the others still run);
+    a folder or glob that holds no store is a usage error.
+    """
+    from tmequant.errors import InputError
+
+    out: list[str] = []
+    for a in args:
+        p = Path(a)
+        if "://" in a or a.rstrip("/").endswith(".zarr") or (p / "zarr.json").exists():
+            out.append(a.rstrip("/") if "://" not in a else a)
+        elif p.is_dir():
+            found = sorted(str(q) for q in p.glob("*.zarr") if (q / "zarr.json").exists())
+            if not found:
+                raise InputError("folder holds no slide stores (*.zarr)", p)
+            out.extend(found)
+        elif any(ch in a for ch in "*?["):
+            found = sorted(glob.glob(a))
+            if not found:
+                raise InputError(f"pattern {a!r} matches no slide store")
+            out.extend(found)
+        else:
+            out.append(a)
+    seen: set[str] = set()
+    return [s for s in out if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
+
+
+def store_id(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+
+
+@app.command("predict")
+def predict_cmd(
+    stores: List[str] = typer.Argument(..., help="Slide stores (*.zarr), folders of stores or globs."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Model folder, registered name (`tmequant models list`) or hf-hub:org/name."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", "-b", help="Tiles per batch (default 32 on CPU, 256 on CUDA; halved on OOM)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-j", help="DataLoader reader processes (default: 1 on CPU, up to 8 on CUDA)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (faster on GPU after warm-up)."),
+    allow_mismatch: bool = typer.Option(
+        False, "--allow-mismatch", help="Run even when the store's MPP or tile size differs from the model card."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo predictions made with other parameters (or finished ones)."),
+) -> None:
+    """Predict tissue classes (and cell counts) for every tile of each store.
+
+    Writes predictions/<model_name> into each store; re-running skips finished stores and an
+    interrupted one resumes from its last finished chunk.
+    """
+    from tmequant.batch import run_per_slide
+    from tmequant.inference import predict_store, resolve_device
+    from tmequant.models import load_model
+
+    if batch_size is not None and batch_size < 1:
+        fail("--batch-size must be >= 1", 2)
+    if workers is not None and workers < 0:
+        fail("--workers must be >= 0", 2)
+    dev = resolve_device(device)  # InputError (exit 2) before any work
+    paths = expand_stores(stores)
+    loaded = load_model(model, device="cpu")  # moved to the device once, by the engine
+    batch = run_per_slide(
+        paths,
+        lambda p: predict_store(p, loaded, device=dev, batch_size=batch_size, num_workers=workers,
+                                compile=compile, allow_mismatch=allow_mismatch, overwrite=overwrite),
+        item_id=store_id, stage="predict")
+    for sid, r in batch.results.items():
+        what = "already complete" if r.skipped else (
+            f"{r.tiles_per_s:.1f} tiles/s ({r.device}, {r.precision}, batch {r.batch_size}"
+            f"{', resumed' if r.resumed else ''})")
+        typer.echo(f"{sid}\t{r.n_tiles} tiles\t{r.model_name}\t{what}\t{r.store_path}")
+    finish_batch(batch, "predict")

@@ -1,0 +1,407 @@
+"""Batched prediction over a slide store: ``tiles/images`` -> ``predictions/<model_name>``.
+
+The pipeline keeps the accelerator busy: a DataLoader reads contiguous uint8 slices of
+``tiles/images`` in worker processes (pinned memory on CUDA), the uint8 batch travels to the
+device (4x fewer bytes than float) and is normalised there, the network runs in
+``channels_last`` under autocast (bf16 where the GPU supports it, else fp16; fp32 on the
+CPU), optionally compiled. An out-of-memory error halves the micro-batch and retries.
+
+Output is written chunk by chunk (``chunk_rows`` tiles at a time) and each chunk is marked done
+in ``predictions/<model_name>/chunk_done`` after its rows; a rerun after a kill redoes only
+the unfinished chunks. Batches never straddle a chunk, so the batch partition, and therefore
+every number on the CPU, is the same whether a run was interrupted or not. ``complete`` is
+written last (docs/store-layout.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+
+from tmequant.errors import InputError, ModelError, StoreError
+from tmequant.models import LoadedModel, ModelCard, TmeNet, load_model
+from tmequant.progress import ProgressBar
+from tmequant.provenance import package_version, params_hash
+from tmequant.tiling.store import SlideStore, clear_complete, is_complete, mark_complete, open_group
+
+log = logging.getLogger("tmequant")
+
+CHUNK_ROWS = 1024  # tiles per output chunk (the resume unit)
+MPP_REL_TOL = 0.01  # card and store MPP may differ by 1% (rounding in vendor metadata)
+CPU_BATCH = 32
+CUDA_BATCH = 256
+
+
+@dataclass
+class PredictResult:
+    """What one ``predict_store`` call did."""
+
+    store_path: str
+    model_name: str
+    n_tiles: int
+    tiles_per_s: float  # tiles computed in this call / wall time of the compute loop
+    device: str
+    resumed: bool = False  # finished chunks of an interrupted run were kept
+    skipped: bool = False  # predictions were already complete with the same params_hash
+    n_computed: int = 0  # tiles computed in this call
+    precision: str = "fp32"
+    batch_size: int = 0
+
+
+# --- device and precision ------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> the first CUDA GPU if any, else the CPU; ``cuda:N`` is checked to exist."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        s = str(device).strip().lower()
+        if s == "auto":
+            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
+        try:
+            dev = torch.device(s)
+        except RuntimeError:
+            raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
+        idx = 0 if dev.index is None else dev.index
+        if idx >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+        return torch.device("cuda", idx)
+    if dev.type not in ("cpu", "mps"):
+        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that support it, else fp16; None (fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# --- reading tiles -------------------------------------------------------------------------
+
+class TileRanges(Dataset):
+    """Each item is one batch: ``images[start:stop]`` as a (n, H, W, 3) uint8 tensor.
+
+    Contiguous slices read whole zarr chunks; the array is opened lazily in each worker.
+    """
+
+    def __init__(self, store_path: str, ranges: list[tuple[int, int]], pad_to: int = 0):
+        self.store_path, self.ranges, self.pad_to = store_path, ranges, pad_to
+        self._images: zarr.Array | None = None
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor]:
+        if self._images is None:
+            arr = open_group(self.store_path, "r")["tiles/images"]
+            assert isinstance(arr, zarr.Array)
+            self._images = arr
+        start, stop = self.ranges[i]
+        x = np.ascontiguousarray(self._images[start:stop])
+        if self.pad_to and len(x) < self.pad_to:  # static shapes for torch.compile
+            x = np.concatenate([x, np.zeros((self.pad_to - len(x),) + x.shape[1:], x.dtype)])
+        return start, stop, torch.from_numpy(x)
+
+    def __getstate__(self) -> dict[str, Any]:  # never ship an open array to a worker
+        return {**self.__dict__, "_images": None}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # readers decode; the main process owns the compute threads
+
+
+def _batch_ranges(chunks: list[int], n_tiles: int, chunk_rows: int, batch: int) -> list[tuple[int, int]]:
+    """Batches of ``batch`` tiles aligned to chunk starts (never straddling a chunk)."""
+    out = []
+    for c in chunks:
+        a, b = c * chunk_rows, min((c + 1) * chunk_rows, n_tiles)
+        out.extend((s, min(s + batch, b)) for s in range(a, b, batch))
+    return out
+
+
+# --- the model on the device ---------------------------------------------------------------
+
+class _Runner:
+    """Normalise uint8 NHWC on the device, run the net, return fp32 probs/counts on device."""
+
+    def __init__(self, net: TmeNet, card: ModelCard, device: torch.device, compile: bool):
+        self.device = device
+        self.amp = autocast_dtype(device)
+        net = net.to(device).eval()
+        if device.type != "mps":
+            net = net.to(memory_format=torch.channels_last)
+        self.net: torch.nn.Module = torch.compile(net) if compile else net
+        # (x / 255 - mean) / std == x * scale + shift, folded into one fused op.
+        std = torch.tensor(card.std, dtype=torch.float32, device=device)
+        mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
+        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
+        self.shift = (-mean / std).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def __call__(self, x_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x_u8.to(self.device, non_blocking=True)
+        # NHWC -> NCHW view: its strides are already channels_last, no copy.
+        x = x.permute(0, 3, 1, 2).float().mul_(self.scale).add_(self.shift)
+        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with ctx:
+            out = self.net(x)
+        res = {"tissue_probs": out["tissue_logits"].float().softmax(dim=1)}
+        if "cell_counts" in out:
+            res["cell_counts"] = out["cell_counts"].float()
+        return res
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# --- provenance ----------------------------------------------------------------------------
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """sha256 (16 hex) over the state dict's names, shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for k, v in net.state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def check_compatible(card: ModelCard, store: SlideStore, allow_mismatch: bool = False) -> None:
+    """Refuse a card whose tile size or MPP differs from the store's (unless allowed)."""
+    problems = []
+    if card.tile_px != store.tile_px:
+        problems.append(f"tile_px {store.tile_px} (model wants {card.tile_px})")
+    if abs(card.mpp_um - store.target_mpp_um) > MPP_REL_TOL * card.mpp_um:
+        problems.append(f"{store.target_mpp_um:g} um/px (model wants {card.mpp_um:g})")
+    if not problems:
+        return
+    msg = (f"store has {' and '.join(problems)} for model {card.name!r}; re-tile with "
+           f"`tmequant tile --mpp {card.mpp_um:g} --tile-px {card.tile_px}` or pass --allow-mismatch")
+    if not allow_mismatch:
+        raise StoreError(msg, store.path)
+    log.warning("%s: %s (allowed by --allow-mismatch)", store.path, msg.split(";")[0])
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+def _as_loaded(model: LoadedModel | TmeNet | str | os.PathLike[str]) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, TmeNet):
+        return LoadedModel(model=model, card=model.card, source="in-memory")
+    return load_model(model)
+
+
+def _prepare_group(
+    root: zarr.Group, name: str, n: int, card: ModelCard, phash: str, attrs: dict[str, Any],
+    chunk_rows: int, overwrite: bool, store_path: str,
+) -> tuple[zarr.Group, bool, bool]:
+    """The output group, created or reused. Returns (group, already_complete, resumed)."""
+    preds = root.require_group("predictions")
+    n_chunks = max(1, math.ceil(n / chunk_rows))
+    if name in preds:
+        g = preds[name]
+        assert isinstance(g, zarr.Group)
+        same = g.attrs.get("params_hash") == phash and "chunk_done" in g \
+            and g["chunk_done"].shape == (n_chunks,)
+        if same and not overwrite:
+            if is_complete(g):
+                return g, True, False
+            return g, False, bool(np.asarray(g["chunk_done"][...]).any())
+        if is_complete(g) and not overwrite:
+            raise StoreError(
+                f"predictions/{name} were made with other parameters (params_hash "
+                f"{g.attrs.get('params_hash')} != {phash}); pass --overwrite to redo them",
+                store_path,
+            )
+        clear_complete(g)
+        del preds[name]  # unfinished with other params, or --overwrite: start over
+    g = preds.create_group(name)
+    rows = min(chunk_rows, max(1, n))
+    g.create_array("tissue_probs", shape=(n, card.n_tissue), dtype="float16",
+                   chunks=(rows, card.n_tissue), fill_value=0)
+    if card.has_count_head:
+        g.create_array("cell_counts", shape=(n, card.n_cell), dtype="float32",
+                       chunks=(rows, card.n_cell), fill_value=0)
+    # One flag per output chunk, each its own object: a kill mid-write loses at most one.
+    g.create_array("chunk_done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0)
+    g.attrs.update({**attrs, "params_hash": phash, "chunk_rows": chunk_rows})
+    return g, False, False
+
+
+def predict_store(
+    store_path: str | os.PathLike[str],
+    model: LoadedModel | TmeNet | str | os.PathLike[str],
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    compile: bool = False,
+    allow_mismatch: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = True,
+    chunk_rows: int = CHUNK_ROWS,
+    max_chunks: int | None = None,
+) -> PredictResult:
+    """Predict every tile of a finished store into ``predictions/<card.name>``.
+
+    ``model``: a LoadedModel, a TmeNet, or a name/path for :func:`tmequant.models.load_model`
+    (the network is moved to ``device``). ``batch_size`` None: 32 on the CPU, 256 on CUDA
+    (halved on out-of-memory). ``num_workers`` None: 1 reader on the CPU, up to 8 on CUDA.
+    ``max_chunks`` stops after that many chunks without marking the group complete (for
+    tests and for spreading work); a later call resumes. Returns a :class:`PredictResult`.
+    """
+    path = str(store_path)
+    store = SlideStore(path)  # refuses missing / unfinished stores
+    loaded = _as_loaded(model)
+    card = loaded.card
+    check_compatible(card, store, allow_mismatch)
+    dev = resolve_device(device)
+    amp = autocast_dtype(dev)
+    n = store.n_tiles
+    images = store.images
+    if tuple(images.shape[:1]) != (n,) or images.ndim != 4 or images.shape[3] != 3:
+        raise StoreError(f"tiles/images has shape {images.shape}, expected ({n}, H, W, 3)", path)
+    if chunk_rows < 1:
+        raise InputError("chunk_rows must be >= 1")
+    bs = batch_size or (CUDA_BATCH if dev.type == "cuda" else CPU_BATCH)
+    if bs < 1:
+        raise InputError(f"--batch-size {bs}: must be >= 1")
+    bs = min(bs, chunk_rows)
+
+    provenance = {
+        "model": card.to_dict(),
+        "weights_sha256_16": weights_digest(loaded.model),
+        "store_params_hash": store.attrs.get("params_hash"),
+        "store_fingerprint": store.attrs.get("source_fingerprint"),
+        "n_tiles": n,
+        "precision": _precision_name(amp),  # bf16 and fp32 results differ: never mixed
+    }
+    phash = params_hash(provenance)
+    attrs = {
+        "card": card.to_dict(),
+        "model_name": card.name,
+        "model_version": card.version,
+        "model_source": loaded.source,
+        "weights_sha256_16": provenance["weights_sha256_16"],
+        "precision": provenance["precision"],
+        "mismatch_allowed": bool(allow_mismatch and (card.tile_px != store.tile_px or abs(
+            card.mpp_um - store.target_mpp_um) > MPP_REL_TOL * card.mpp_um)),
+        "package_version": package_version(),
+    }
+    root = open_group(path, "r+")
+    g, done_already, resumed = _prepare_group(root, card.name, n, card, phash, attrs, chunk_rows,
+                                              overwrite, path)
+    result = PredictResult(path, card.name, n, 0.0, str(dev), resumed=resumed,
+                           precision=_precision_name(amp), batch_size=bs)
+    if done_already:
+        log.info("%s: predictions/%s already complete (params_hash %s); skipping",
+                 path, card.name, phash)
+        result.skipped = True
+        return result
+
+    done = np.asarray(g["chunk_done"][...]).astype(bool)
+    todo = [int(c) for c in np.flatnonzero(~done)] if n else []
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+    if resumed:
+        log.info("%s: resuming predictions/%s, %d of %d chunks left", path, card.name,
+                 len(todo), len(done))
+
+    t0 = time.perf_counter()
+    n_done = _run_chunks(path, g, loaded, card, dev, todo, n, chunk_rows, bs, num_workers,
+                         compile, progress, result)
+    dt = time.perf_counter() - t0
+    result.n_computed = n_done
+    result.tiles_per_s = n_done / dt if dt > 0 and n_done else 0.0
+
+    if bool(np.asarray(g["chunk_done"][...]).all()) or n == 0:
+        mark_complete(g, card=card.to_dict(), params_hash=phash)
+    return result
+
+
+def _run_chunks(
+    path: str, g: zarr.Group, loaded: LoadedModel, card: ModelCard, dev: torch.device,
+    todo: list[int], n: int, chunk_rows: int, bs: int, num_workers: int | None,
+    compile: bool, progress: bool | None, result: PredictResult,
+) -> int:
+    if not todo:
+        return 0
+    runner = _Runner(loaded.model, card, dev, compile)
+    if num_workers is None:
+        cpus = os.cpu_count() or 1
+        num_workers = min(8, max(1, cpus - 2)) if dev.type == "cuda" else (1 if cpus > 1 else 0)
+    ranges = _batch_ranges(todo, n, chunk_rows, bs)
+    ds = TileRanges(path, ranges, pad_to=bs if compile else 0)
+    loader = DataLoader(
+        ds, batch_size=None, shuffle=False, num_workers=num_workers,
+        pin_memory=dev.type == "cuda", worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+    )
+    n_todo = sum(b - a for a, b in ranges)
+    micro = bs
+    probs_arr, counts_arr, flags = g["tissue_probs"], g.get("cell_counts"), g["chunk_done"]
+    buf: dict[str, list[torch.Tensor]] = {}
+    cur_chunk, n_done = -1, 0
+
+    def flush(chunk: int) -> None:
+        a = chunk * chunk_rows
+        probs = torch.cat(buf["tissue_probs"]).cpu().numpy()
+        probs_arr[a:a + len(probs)] = probs.astype(np.float16)
+        if counts_arr is not None:
+            counts_arr[a:a + len(probs)] = torch.cat(buf["cell_counts"]).cpu().numpy()
+        flags[chunk] = 1  # after the rows: a chunk is done only once it is on disk
+        buf.clear()
+
+    desc = f"predict {Path(path).name} [{card.name}]"
+    with ProgressBar(n_todo, desc, unit="tiles", enabled=progress) as bar:
+        for start, stop, x in loader:
+            start, stop = int(start), int(stop)
+            chunk = start // chunk_rows
+            if chunk != cur_chunk:
+                if buf:
+                    flush(cur_chunk)
+                cur_chunk = chunk
+            k = stop - start
+            while True:
+                try:
+                    outs = [runner(x[i:i + micro]) for i in range(0, len(x), micro)]
+                    break
+                except RuntimeError as e:
+                    if dev.type != "cuda" or not _is_oom(e) or micro == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    micro //= 2
+                    log.warning("%s: CUDA out of memory; batch size halved to %d", path, micro)
+            # Keep results on the device until the chunk ends: no per-batch sync.
+            for key in outs[0]:
+                buf.setdefault(key, []).append(torch.cat([o[key] for o in outs])[:k])
+            n_done += k
+            bar.update(k)
+        if buf:
+            flush(cur_chunk)
+    result.batch_size = micro
+    return n_done

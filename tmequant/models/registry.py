@@ -1,0 +1,149 @@
+"""A small registry of named models.
+
+Names resolve, in order, to
+  * ``random-<arch>``: an UNTRAINED, seeded random network for smoke tests and benchmarks,
+    built on the fly for any timm architecture (``random-efficientnet_lite0`` is listed);
+  * a model folder shipped as package data under ``tmequant/data/models/<name>/``;
+  * a folder under ``$TMEQUANT_MODELS/<name>/`` when that variable is set.
+A Hugging Face id (``hf-hub:org/name``) is fetched only when the user names one.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tmequant.errors import ModelError
+from tmequant.models.card import CARD_FILE, ModelCard
+from tmequant.models.factory import create_model
+from tmequant.roles import CELL_ROLES, TISSUE_ROLES
+
+RANDOM_PREFIX = "random-"
+LISTED_RANDOM = ("random-efficientnet_lite0",)
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One registry entry: its name, where it comes from, and a one-line description."""
+
+    name: str
+    source: str  # "built-in", a folder path
+    description: str
+
+
+def random_card(arch: str, tile_px: int = 224, mpp_um: float = 0.5) -> ModelCard:
+    """Card of the untrained ``random-<arch>`` model: one class per role, identity role maps."""
+    return ModelCard(
+        name=f"{RANDOM_PREFIX}{arch}",
+        version="0",
+        arch=arch,
+        tile_px=tile_px,
+        mpp_um=mpp_um,
+        tissue_classes=list(TISSUE_ROLES),
+        tissue_roles={r: r for r in TISSUE_ROLES},
+        cell_classes=list(CELL_ROLES),
+        cell_roles={r: r for r in CELL_ROLES},
+        description=(f"UNTRAINED: seeded random {arch} weights for smoke tests and benchmarks; "
+                     "its predictions mean nothing."),
+        license="Apache-2.0",
+        training={"untrained": True, "seed": RANDOM_SEED},
+        metrics={},
+    )
+
+
+def build_random(arch: str):
+    """The seeded, untrained ``random-<arch>`` network and its card (same weights every call)."""
+    from tmequant.models.io import LoadedModel
+
+    card = random_card(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        model = create_model(card, pretrained=False)
+    return LoadedModel(model=model.eval(), card=card, source=f"built-in:{card.name}")
+
+
+def _package_models_dir() -> Path | None:
+    try:
+        root = importlib.resources.files("tmequant") / "data" / "models"
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover
+        return None
+    p = Path(str(root))
+    return p if p.is_dir() else None
+
+
+def _folders() -> dict[str, Path]:
+    """Model folders by name: package data first, then $TMEQUANT_MODELS (which may override)."""
+    out: dict[str, Path] = {}
+    roots = [_package_models_dir()]
+    env = os.environ.get("TMEQUANT_MODELS")
+    if env:
+        roots.append(Path(env))
+    for root in roots:
+        if root is None or not root.is_dir():
+            continue
+        for d in sorted(root.iterdir()):
+            if (d / CARD_FILE).is_file():
+                out[d.name] = d
+    return out
+
+
+def list_models() -> list[ModelInfo]:
+    """Every named model: the listed built-ins and each shipped or user model folder."""
+    infos = [ModelInfo(n, "built-in", random_card(n[len(RANDOM_PREFIX):]).description)
+             for n in LISTED_RANDOM]
+    for name, d in _folders().items():
+        try:
+            desc = ModelCard.load(d).description or "(no description)"
+        except ModelError as e:
+            desc = f"INVALID: {e.message}"
+        infos.append(ModelInfo(name, str(d), desc.splitlines()[0] if desc else ""))
+    return infos
+
+
+def get_card(name: str) -> tuple[ModelCard, str]:
+    """The card of a named model (no weights loaded) and its source."""
+    folders = _folders()
+    if name in folders:
+        return ModelCard.load(folders[name]), str(folders[name])
+    if name.startswith(RANDOM_PREFIX):
+        return random_card(name[len(RANDOM_PREFIX):]), "built-in"
+    raise _unknown(name)
+
+
+def _unknown(name: str) -> ModelError:
+    return ModelError(f"unknown model {name!r}: not a folder, a registered name "
+                      "(`tmequant models list`) or hf-hub:org/name")
+
+
+def load_registered(name: str, device: str | torch.device = "cpu"):
+    """Load a registered model by name."""
+    from tmequant.models.io import load_folder
+
+    folders = _folders()
+    if name in folders:
+        return load_folder(folders[name], device)
+    if name.startswith(RANDOM_PREFIX):
+        loaded = build_random(name[len(RANDOM_PREFIX):])
+        loaded.model.to(device)
+        return loaded
+    raise _unknown(name)
+
+
+def fetch_hf(repo_id: str) -> Path:
+    """Download (or find in the cache) ``model.json`` + ``model.safetensors`` of a HF repo."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelError(f"hf-hub:{repo_id}: huggingface_hub is not installed") from None
+    try:
+        path = snapshot_download(repo_id, allow_patterns=[CARD_FILE, "model.safetensors"])
+    except Exception as e:  # noqa: BLE001 - offline, 404, auth: all become one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"hf-hub:{repo_id}: cannot fetch from the Hugging Face hub "
+                         f"(offline or no such repo): {first[:200]}") from None
+    return Path(path)

@@ -1,0 +1,73 @@
+"""The tile grid: pure geometry from a tissue mask to the kept tiles."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tmequant.wsi.tissue import tissue_fraction_of_boxes
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Kept tiles in row-major order.
+
+    ``coords`` (N, 2) int64 level-0 x, y of the top-left corners; ``grid`` (N, 2) int32
+    row, col; ``tissue_fraction`` (N,) float32; ``n_rows, n_cols`` the full grid size;
+    ``tile_level0_px`` the pitch in level-0 px (float).
+    """
+
+    coords: np.ndarray
+    grid: np.ndarray
+    tissue_fraction: np.ndarray
+    n_rows: int
+    n_cols: int
+    tile_level0_px: float
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.coords.shape[0])
+
+
+def plan_grid(
+    level0_wh: tuple[int, int],
+    tile_level0_px: float,
+    mask: np.ndarray,
+    mask_downsample: float,
+    min_tissue_fraction: float,
+) -> TilePlan:
+    """Tiles of side ``tile_level0_px`` on a grid anchored at (0, 0) that lie fully inside
+    level 0 and whose tissue fraction (from ``mask``, ``mask_downsample`` level-0 px per mask
+    px) is >= ``min_tissue_fraction``. Tile corners are ``round(col * tile_level0_px)``.
+    """
+    w0, h0 = level0_wh
+    t = float(tile_level0_px)
+    eps = 1e-6
+    n_cols = max(0, int(math.floor(w0 / t + eps)))
+    n_rows = max(0, int(math.floor(h0 / t + eps)))
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    x = cols * t
+    y = rows * t
+    boxes = np.stack([x, y, x + t, y + t], axis=1) / mask_downsample
+    frac = (tissue_fraction_of_boxes(mask, boxes) if rows.size else np.zeros(0, np.float32))
+    keep = frac >= min_tissue_fraction - 1e-7
+    coords = np.stack([np.round(x[keep]), np.round(y[keep])], axis=1).astype(np.int64).reshape(-1, 2)
+    grid = np.stack([rows[keep], cols[keep]], axis=1).astype(np.int32).reshape(-1, 2)
+    return TilePlan(coords, grid, frac[keep].astype(np.float32), n_rows, n_cols, t)
+
+
+def blocks(plan: TilePlan, block_tiles: int) -> list[np.ndarray]:
+    """Group kept tile indices into blocks of up to ``block_tiles`` x ``block_tiles`` grid cells,
+    in row-major block order (so blocks of one block-row cover a contiguous index range)."""
+    if plan.n_tiles == 0:
+        return []
+    br = plan.grid[:, 0] // block_tiles
+    bc = plan.grid[:, 1] // block_tiles
+    key = br.astype(np.int64) * (plan.n_cols // block_tiles + 2) + bc
+    order = np.lexsort((np.arange(plan.n_tiles), key))
+    k_sorted = key[order]
+    cuts = np.flatnonzero(np.diff(k_sorted)) + 1
+    return [np.sort(g) for g in np.split(order, cuts)]

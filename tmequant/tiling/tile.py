@@ -1,0 +1,367 @@
+"""Tile a slide at a target MPP into a zarr v3 slide store (layout: docs/store-layout.md).
+
+Regions several tiles wide are read from the level closest to and not coarser than the
+target, resampled with an area filter and sliced into tiles; blocks are read by a pool of
+threads (OpenSlide, Pillow and the zarr codecs release the GIL) with a bounded number in
+flight, and written in whole shards in row-major tile order. The completion marker is
+written last; an unfinished store is rebuilt from scratch, so a rerun after a crash gives
+the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from tmequant.errors import StoreError
+from tmequant.inputs import SlideSpec, slide_id_from_path, validate_slide_id
+from tmequant.progress import ProgressBar
+from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
+from tmequant.tiling.grid import TilePlan, blocks, plan_grid
+from tmequant.tiling.store import (
+    STORE_SCHEMA_VERSION, is_complete, mark_complete, store_path,
+)
+from tmequant.wsi.resample import read_resampled
+from tmequant.wsi.slide import Slide, open_slide
+from tmequant.wsi.tissue import TissueParams, detect_tissue, mask_shape
+
+log = logging.getLogger("tmequant")
+
+COMPRESSIONS = ("zstd", "zstd-1", "zstd-9", "blosc-lz4", "none")
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """Every parameter that changes the store's content (hashed into ``params_hash``)."""
+
+    target_mpp_um: float = 0.5
+    tile_px: int = 224
+    min_tissue_fraction: float = 0.25
+    tissue: TissueParams = field(default_factory=TissueParams)
+    compression: str = "zstd"  # tiles/images codec, see COMPRESSIONS (lossless)
+    tiles_per_chunk: int = 4
+    tiles_per_shard: int = 128
+    block_tiles: int = 4  # regions of block_tiles x block_tiles tiles are read at once
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.target_mpp_um <= 20:
+            raise ValueError("target_mpp_um must be in 0.05-20 um/px")
+        if not 16 <= self.tile_px <= 4096:
+            raise ValueError("tile_px must be in 16-4096")
+        if not 0.0 <= self.min_tissue_fraction <= 1.0:
+            raise ValueError("min_tissue_fraction must be in 0-1")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}")
+        if self.tiles_per_chunk < 1 or self.tiles_per_shard % self.tiles_per_chunk:
+            raise ValueError("tiles_per_shard must be a multiple of tiles_per_chunk")
+        if self.block_tiles < 1:
+            raise ValueError("block_tiles must be >= 1")
+
+    @property
+    def tile_um(self) -> float:
+        return self.tile_px * self.target_mpp_um
+
+
+@dataclass
+class TileResult:
+    """Outcome of tiling one slide; ``reused`` when a finished store with the same params existed."""
+
+    slide_id: str
+    store_path: str
+    n_tiles: int
+    reused: bool
+    qc_png: str | None = None
+    slide_mpp_um: float | None = None
+    mpp_source: str | None = None
+    read_level: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tiles_per_s(self) -> float:
+        t = self.seconds.get("tiles", 0.0)
+        return self.n_tiles / t if t > 0 else 0.0
+
+
+def _codec(name: str) -> list[Any]:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "none":
+        return []
+    if name == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")]
+    level = {"zstd": 3, "zstd-1": 1, "zstd-9": 9}[name]
+    return [ZstdCodec(level=level)]
+
+
+def _exists(path: str) -> bool:
+    if "://" in path:
+        try:
+            zarr.open_group(path, mode="r", zarr_format=3)
+            return True
+        except Exception:
+            return False
+    return Path(path).exists()
+
+
+def _qc_path(out_dir: str, slide_id: str) -> str:
+    return f"{out_dir.rstrip('/')}/{slide_id}.qc.png"
+
+
+def tile_slide(
+    spec_or_path: SlideSpec | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    params: TilingParams = TilingParams(),
+    *,
+    overwrite: bool = False,
+    workers: int | None = None,
+    progress: bool | None = True,
+    mpp_override_um: float | None = None,
+    qc_png: bool = True,
+) -> TileResult:
+    """Tile one slide into ``<out_dir>/<slide_id>.zarr`` and write ``<out_dir>/<slide_id>.qc.png``.
+
+    ``spec_or_path``: a SlideSpec (id, path, MPP override) or a slide path (id from its name).
+    A finished store with the same parameters and slide is reused untouched; one made with
+    other parameters raises StoreError unless ``overwrite``; an unfinished one is rebuilt.
+    ``out_dir`` may be an fsspec URL (``memory://...``).
+    """
+    t_start = time.perf_counter()
+    if isinstance(spec_or_path, SlideSpec):
+        spec = spec_or_path
+    else:
+        p = Path(spec_or_path)
+        spec = SlideSpec(validate_slide_id(slide_id_from_path(p), str(p)), p, None)
+    override = spec.mpp_override_um if spec.mpp_override_um is not None else mpp_override_um
+    out = str(out_dir)
+    if "://" not in out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    spath = store_path(out, spec.slide_id)
+    workers = max(1, workers if workers else min(4, os.cpu_count() or 1))
+
+    seconds: dict[str, float] = {}
+    with open_slide(spec.path, mpp_override_um=override) as slide:
+        info = slide.info
+        seconds["open"] = time.perf_counter() - t_start
+        fp = file_fingerprint(spec.path)
+        tparams = to_jsonable(params)
+        tparams["mpp_override_um"] = override
+        phash = params_hash(tparams)
+        if _exists(spath):
+            reused = _check_existing(spath, phash, fp, overwrite)
+            if reused is not None:
+                return TileResult(spec.slide_id, spath, reused, True,
+                                  _qc_path(out, spec.slide_id) if qc_png else None,
+                                  info.mpp_um, info.mpp_source, None,
+                                  {"total": time.perf_counter() - t_start})
+        assert info.mpp_um is not None and info.mpp_source is not None
+        if info.mpp_um > params.target_mpp_um * 1.001:
+            log.warning("%s: slide MPP %.3g is coarser than the target %.3g um/px; tiles are upsampled",
+                        spec.slide_id, info.mpp_um, params.target_mpp_um)
+        # --- tissue ---------------------------------------------------------------
+        t0 = time.perf_counter()
+        mask_mpp = params.tissue.mask_mpp_um
+        thumb = slide.read_thumbnail(mask_mpp)
+        mask = detect_tissue(thumb, mask_mpp, params.tissue)
+        assert mask.shape == mask_shape(info.dimensions, info.mpp_um, mask_mpp)
+        mask_ds = mask_mpp / info.mpp_um
+        tile_level0_px = params.tile_um / info.mpp_um
+        plan = plan_grid(info.dimensions, tile_level0_px, mask, mask_ds, params.min_tissue_fraction)
+        read_level = slide.best_level_for_mpp(params.target_mpp_um)
+        seconds["tissue"] = time.perf_counter() - t0
+        if plan.n_tiles == 0:
+            log.warning("%s: no tissue found (no tile with tissue fraction >= %g); "
+                        "the store is empty", spec.slide_id, params.min_tissue_fraction)
+        # --- store ----------------------------------------------------------------
+        root = zarr.open_group(spath, mode="w", zarr_format=3)
+        attrs = {
+            "schema_version": STORE_SCHEMA_VERSION,
+            "slide_id": spec.slide_id,
+            "source_path": info.path,
+            "source_size_bytes": int(fp["size_bytes"]),
+            "source_fingerprint": str(fp["sha256_head_tail"]),
+            "reader": info.reader,
+            "vendor": info.vendor,
+            "level0_width_px": int(info.dimensions[0]),
+            "level0_height_px": int(info.dimensions[1]),
+            "slide_mpp_um": float(info.mpp_um),
+            "mpp_source": info.mpp_source,
+            "target_mpp_um": float(params.target_mpp_um),
+            "tile_px": int(params.tile_px),
+            "tile_um": float(params.tile_um),
+            "tile_level0_px": float(tile_level0_px),
+            "read_level": int(read_level),
+            "tissue": to_jsonable(params.tissue),
+            "min_tissue_fraction": float(params.min_tissue_fraction),
+            "tiling_params": tparams,
+            "params_hash": phash,
+            "package_version": package_version(),
+        }
+        root.attrs.update(attrs)
+        _write_small(root, "tissue_mask", mask, {"downsample": float(mask_ds), "mpp_um": float(mask_mpp)})
+        _write_small(root, "thumbnail", thumb, {"mpp_um": float(mask_mpp)})
+        tiles = root.create_group("tiles")
+        _write_small(tiles, "coords", plan.coords, {"unit": "level-0 px", "columns": ["x", "y"]})
+        _write_small(tiles, "grid", plan.grid, {"columns": ["row", "col"]})
+        _write_small(tiles, "tissue_fraction", plan.tissue_fraction, {})
+        t0 = time.perf_counter()
+        _write_tiles(slide, read_level, plan, params, tiles, workers, spec.slide_id, progress)
+        seconds["tiles"] = time.perf_counter() - t0
+        qc = None
+        if qc_png:
+            qc = _qc_path(out, spec.slide_id)
+            write_qc_png(qc, thumb, mask, plan, mask_ds)
+        mark_complete(root, n_tiles=int(plan.n_tiles))
+    seconds["total"] = time.perf_counter() - t_start
+    res = TileResult(spec.slide_id, spath, plan.n_tiles, False, qc, info.mpp_um, info.mpp_source,
+                     read_level, seconds)
+    log.info("%s: %d tiles at %.3g um/px from level %d in %.1f s (%.1f tiles/s)", spec.slide_id,
+             plan.n_tiles, params.target_mpp_um, read_level, seconds["total"], res.tiles_per_s)
+    return res
+
+
+def _check_existing(spath: str, phash: str, fp: dict[str, Any], overwrite: bool) -> int | None:
+    """n_tiles of a reusable finished store, None when it must be (re)built; raises on mismatch."""
+    if "://" not in spath and not (Path(spath) / "zarr.json").exists():
+        if overwrite:
+            return None
+        raise StoreError("exists but is not a zarr slide store; move it away or use --overwrite", spath)
+    try:
+        root = zarr.open_group(spath, mode="r", zarr_format=3)
+    except Exception:
+        if overwrite:
+            return None
+        raise StoreError("exists but cannot be opened as a slide store; use --overwrite", spath) from None
+    if not is_complete(root):
+        log.info("%s: unfinished store (interrupted run); rebuilding it", spath)
+        return None
+    if overwrite:
+        return None
+    old = root.attrs.get("params_hash")
+    if old != phash:
+        raise StoreError(
+            f"store was made with other tiling parameters (params_hash {old} != {phash}); "
+            "use --overwrite to rebuild it or choose another --out", spath)
+    if root.attrs.get("source_fingerprint") != fp["sha256_head_tail"]:
+        raise StoreError("the slide file changed since this store was made; use --overwrite", spath)
+    log.info("%s: finished store with the same parameters; nothing to do", spath)
+    return int(root.attrs.get("n_tiles", 0))
+
+
+def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
+    data = np.ascontiguousarray(data)
+    if data.ndim == 3 and data.shape[2] == 3:
+        chunks: tuple[int, ...] = (min(max(data.shape[0], 1), 1024), min(max(data.shape[1], 1), 1024), 3)
+    else:
+        chunks = tuple(max(1, min(s, 1 << 20)) for s in data.shape)
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                             compressors=_codec("zstd"), fill_value=0)
+    if data.size:
+        arr[...] = data
+    if attrs:
+        arr.attrs.update(attrs)
+
+
+def _read_block(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_px: int) -> np.ndarray:
+    """Tiles ``idx`` of the plan read as one region: (len(idx), tile_px, tile_px, 3) uint8."""
+    g = plan.grid[idx]
+    r0, c0 = int(g[:, 0].min()), int(g[:, 1].min())
+    r1, c1 = int(g[:, 0].max()) + 1, int(g[:, 1].max()) + 1
+    t = plan.tile_level0_px
+    region = read_resampled(slide, level, (c0 * t, r0 * t, c1 * t, r1 * t),
+                            ((c1 - c0) * tile_px, (r1 - r0) * tile_px))
+    out = np.empty((len(idx), tile_px, tile_px, 3), np.uint8)
+    for k, (r, c) in enumerate(g):
+        y, x = (int(r) - r0) * tile_px, (int(c) - c0) * tile_px
+        out[k] = region[y : y + tile_px, x : x + tile_px]
+    return out
+
+
+def _write_tiles(slide: Slide, level: int, plan: TilePlan, params: TilingParams, group: zarr.Group,
+                 workers: int, desc: str, progress: bool | None) -> None:
+    n, tp = plan.n_tiles, params.tile_px
+    shard = params.tiles_per_shard
+    arr = group.create_array(
+        "images", shape=(n, tp, tp, 3), dtype=np.uint8,
+        chunks=(params.tiles_per_chunk, tp, tp, 3), shards=(shard, tp, tp, 3),
+        compressors=_codec(params.compression), fill_value=0,
+        dimension_names=["tile", "y", "x", "channel"],
+    )
+    arr.attrs.update({"mpp_um": float(params.target_mpp_um), "color": "RGB"})
+    if n == 0:
+        return
+    n_shards = math.ceil(n / shard)
+    need = np.array([min(shard, n - s * shard) for s in range(n_shards)])
+    done = np.zeros(n_shards, np.int64)
+    staged: dict[int, np.ndarray] = {}
+    next_shard = 0
+    todo = blocks(plan, params.block_tiles)
+    window = max(2, 2 * workers)
+    with ProgressBar(n, desc, unit="tiles", enabled=progress) as bar, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tmequant-tile") as pool:
+        pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
+        it = iter(todo)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < window:
+                try:
+                    idx = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending.append((idx, pool.submit(_read_block, slide, level, plan, idx, tp)))
+            if not pending:
+                break
+            idx, fut = pending.popleft()
+            try:
+                data = fut.result()
+            except BaseException:
+                for _, f in pending:
+                    f.cancel()
+                raise
+            for k, i in enumerate(idx):
+                staged[int(i)] = data[k]
+            np.add.at(done, idx // shard, 1)
+            bar.update(len(idx))
+            # write every shard whose tiles are all staged, in order (whole-shard writes only)
+            while next_shard < n_shards and done[next_shard] == need[next_shard]:
+                a = next_shard * shard
+                b = a + int(need[next_shard])
+                arr[a:b] = np.stack([staged.pop(i) for i in range(a, b)])
+                next_shard += 1
+    assert next_shard == n_shards and not staged
+
+
+def write_qc_png(path: str, thumb: np.ndarray, mask: np.ndarray, plan: TilePlan,
+                 mask_downsample: float) -> None:
+    """Thumbnail with the tissue outline (blue) and the kept tiles' grid (green) as PNG."""
+    import fsspec
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    img = thumb.copy()
+    edge = mask & ~ndi.binary_erosion(mask)
+    img[edge] = (0, 60, 255)
+    h, w = mask.shape
+    t = plan.tile_level0_px / mask_downsample
+    for x, y in plan.coords / mask_downsample:
+        x0, y0 = int(round(x)), int(round(y))
+        x1, y1 = min(int(round(x + t)), w - 1), min(int(round(y + t)), h - 1)
+        if x0 >= w or y0 >= h:
+            continue
+        img[y0, x0 : x1 + 1] = img[y1, x0 : x1 + 1] = (0, 200, 0)
+        img[y0 : y1 + 1, x0] = img[y0 : y1 + 1, x1] = (0, 200, 0)
+    with fsspec.open(path, "wb") as fh:
+        Image.fromarray(img).save(fh, format="PNG")
+
+
+__all__ = ["COMPRESSIONS", "TileResult", "TilingParams", "tile_slide", "write_qc_png"]

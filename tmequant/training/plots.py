@@ -1,0 +1,68 @@
+"""Training figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(path: str | Path, cm: np.ndarray, classes: Sequence[str], title: str = "") -> Path:
+    """Row-normalised confusion matrix (truth rows) with raw counts in each cell."""
+    plt = _plt()
+    cm = np.asarray(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=100)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_curves(path: str | Path, history: list[dict[str, Any]], metric: str) -> Path:
+    """Training loss, validation loss/metric and learning rate per epoch."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=100)
+    ep = [h["epoch"] for h in history]
+    axes[0].plot(ep, [h.get("train_loss", np.nan) for h in history], "o-", label="train")
+    if any("val_loss" in h for h in history):
+        axes[0].plot(ep, [h.get("val_loss", np.nan) for h in history], "o-", label="val")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    key = f"val_{metric}"
+    vals = [h.get(key, np.nan) for h in history]
+    if metric == "count_mae":
+        vals = [-v for v in vals]  # stored negated (higher is better)
+    axes[1].plot(ep, vals, "o-")
+    axes[1].set_title(f"validation {metric}")
+    axes[2].plot(ep, [h.get("lr", np.nan) for h in history], "o-")
+    axes[2].set_title("learning rate (end of epoch)")
+    for a in axes:
+        a.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,505 @@
+"""Open whole-slide images (OpenSlide first, tifffile for what OpenSlide cannot) and resolve MPP.
+
+Pixel size (MPP, microns per level-0 pixel) is resolved in this order, and the source is
+recorded: ``override`` (the user's ``--mpp-override`` or manifest ``mpp``, when given: an
+explicit value wins, and a disagreement with the file is logged) -> ``vendor`` (OpenSlide's
+``openslide.mpp-x/y`` from vendor metadata) -> ``tiff-resolution`` (X/YResolution with a real
+unit, centimetre or inch, and a plausible value) -> ``ome`` (``PhysicalSizeX/Y``). It is never
+estimated from the objective power. Values outside 0.05-20 um/px are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from tmequant.errors import SlideError
+
+log = logging.getLogger("tmequant")
+
+MPP_MIN_UM, MPP_MAX_UM = 0.05, 20.0
+MPP_SOURCES = ("vendor", "tiff-resolution", "ome", "override")
+_UNIT_TO_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0,
+               "nm": 1e-3, "pm": 1e-6}
+_NO_MPP_FIX = ("has no pixel size (MPP) in its metadata; give it with --mpp-override X "
+               "or an `mpp` column in the CSV manifest")
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a slide is: reader, vendor, pyramid geometry, associated images and pixel size.
+
+    ``level_dimensions`` are (width, height) in pixels per level; ``level_downsamples`` are
+    level-0 pixels per level pixel (the pyramid's integer factor where the sizes show one,
+    see :func:`nominal_downsamples`); ``mpp_um`` is level-0 microns per pixel (mean of x, y).
+    """
+
+    path: str
+    reader: str  # "openslide" | "tifffile"
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    associated_images: tuple[str, ...]
+    mpp_um: float | None
+    mpp_source: str | None
+    mpp_x_um: float | None = None
+    mpp_y_um: float | None = None
+    objective_power: float | None = None  # reported only; never used for MPP
+    properties: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self.level_dimensions[0]
+
+    def level_mpp_um(self, level: int) -> float:
+        """Microns per pixel of ``level`` (requires a resolved MPP)."""
+        if self.mpp_um is None:
+            raise SlideError(_NO_MPP_FIX, self.path)
+        return self.mpp_um * self.level_downsamples[level]
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _plausible(mpp: float | None) -> bool:
+    return mpp is not None and MPP_MIN_UM <= mpp <= MPP_MAX_UM
+
+
+def _mpp_from_resolution(xres: Any, yres: Any, unit: Any) -> tuple[float, float] | None:
+    """X/YResolution (pixels per unit) -> um/px, only for a real unit (cm or inch)."""
+    u = str(unit).lower() if unit is not None else ""
+    um_per_unit = {"centimeter": 1e4, "3": 1e4, "cm": 1e4, "inch": 25400.0, "2": 25400.0}.get(u)
+    if um_per_unit is None:
+        return None
+
+    def conv(r: Any) -> float | None:
+        if isinstance(r, tuple) and len(r) == 2:
+            r = r[0] / r[1] if r[1] else None
+        f = _float(r)
+        return um_per_unit / f if f else None
+
+    mx, my = conv(xres), conv(yres if yres is not None else xres)
+    if mx is None or my is None or not (_plausible(mx) and _plausible(my)):
+        return None
+    return mx, my
+
+
+def _mpp_from_ome(ome_xml: str | None) -> tuple[float, float] | None:
+    if not ome_xml:
+        return None
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.endswith("Pixels"):
+            sx, sy = _float(el.get("PhysicalSizeX")), _float(el.get("PhysicalSizeY"))
+            if sx is None:
+                return None
+            ux = _UNIT_TO_UM.get(el.get("PhysicalSizeXUnit", "µm"))
+            uy = _UNIT_TO_UM.get(el.get("PhysicalSizeYUnit", "µm"))
+            if ux is None or uy is None:
+                return None
+            return sx * ux, (sy if sy is not None else sx) * uy
+    return None
+
+
+def resolve_mpp(
+    path: str,
+    vendor_mpp: tuple[float | None, float | None],
+    tiff_mpp: tuple[float, float] | None,
+    ome_mpp: tuple[float, float] | None,
+    override_um: float | None,
+    require: bool = True,
+) -> tuple[float | None, float | None, float | None, str | None]:
+    """Pick (mpp_um, mpp_x_um, mpp_y_um, source) in the documented order; refuse bad values."""
+    found: tuple[float, float, str] | None = None
+    vx, vy = vendor_mpp
+    if vx is not None:
+        found = (vx, vy if vy is not None else vx, "vendor")
+    elif tiff_mpp is not None:
+        found = (tiff_mpp[0], tiff_mpp[1], "tiff-resolution")
+    elif ome_mpp is not None:
+        found = (ome_mpp[0], ome_mpp[1], "ome")
+    if override_um is not None:
+        ov = _float(override_um)
+        if not _plausible(ov):
+            raise SlideError(
+                f"MPP override {override_um!r} is outside {MPP_MIN_UM}-{MPP_MAX_UM} um/px", path)
+        assert ov is not None
+        if found is not None:
+            fm = (found[0] + found[1]) / 2
+            if abs(fm - ov) > 0.05 * ov:
+                log.warning("%s: MPP override %.4g um/px replaces the file's %.4g (%s)",
+                            path, ov, fm, found[2])
+        return ov, ov, ov, "override"
+    if found is None:
+        if require:
+            raise SlideError(_NO_MPP_FIX, path)
+        return None, None, None, None
+    mx, my, src = found
+    mpp = (mx + my) / 2
+    if not (_plausible(mx) and _plausible(my)):
+        raise SlideError(
+            f"pixel size {mpp:.4g} um/px ({src}) is outside {MPP_MIN_UM}-{MPP_MAX_UM} um/px; "
+            "give the right value with --mpp-override X", path)
+    return mpp, mx, my, src
+
+
+class Slide:
+    """An open slide. Use as a context manager; reading is thread-safe.
+
+    >>> with open_slide("a.svs") as s:                  # doctest: +SKIP
+    ...     rgb = s.read_region(0, 1000, 2000, 512, 512)  # (512, 512, 3) uint8
+    """
+
+    def __init__(self, info: SlideInfo, backend: Any):
+        self.info = info
+        self._b = backend
+
+    # -- context manager ----------------------------------------------------------------
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._b.close()
+
+    # -- reading ------------------------------------------------------------------------
+    def read_region(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB at ``level``; ``x0, y0`` in level-0 px, ``w, h`` in level px.
+
+        Pixels outside the slide (and transparent ones) are white.
+        """
+        if not 0 <= level < self.info.level_count:
+            raise SlideError(f"level {level} does not exist (0-{self.info.level_count - 1})",
+                             self.info.path)
+        if w <= 0 or h <= 0:
+            return np.full((max(h, 0), max(w, 0), 3), 255, np.uint8)
+        k = self.info.level_downsamples[level]
+        lw, lh = self.info.level_dimensions[level]
+        lx, ly = math.floor(x0 / k), math.floor(y0 / k)
+        # Clip to the level and pad with white here: OpenSlide truncates negative level
+        # coordinates toward zero, which would shift a region that starts outside the slide.
+        cx0, cy0, cx1, cy1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
+        try:
+            if cx1 <= cx0 or cy1 <= cy0:
+                return np.full((h, w, 3), 255, np.uint8)
+            if (cx0, cy0, cx1, cy1) == (lx, ly, lx + w, ly + h):
+                return self._b.read_region(level, int(x0), int(y0), int(w), int(h))
+            out = np.full((h, w, 3), 255, np.uint8)
+            out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = self._b.read_region(
+                level, round(cx0 * k), round(cy0 * k), cx1 - cx0, cy1 - cy0)
+            return out
+        except SlideError:
+            raise
+        except Exception as e:  # a corrupt tile deep inside the file
+            raise SlideError(f"cannot read region at level {level} ({x0}, {y0}, {w}x{h}): "
+                             f"{type(e).__name__}: {e}", self.info.path) from None
+
+    def best_level_for_mpp(self, mpp_um: float) -> int:
+        """Coarsest level whose MPP is not coarser than ``mpp_um`` (0 if none is)."""
+        best = 0
+        for lv, ds in enumerate(self.info.level_downsamples):
+            if self.info.level_mpp_um(lv) <= mpp_um * (1 + 1e-3) and ds >= self.info.level_downsamples[best]:
+                best = lv
+        return best
+
+    def read_thumbnail(self, mpp_um: float) -> np.ndarray:
+        """Whole slide as (h, w, 3) uint8 at ``mpp_um`` microns per pixel (area-averaged).
+
+        ``h, w = ceil(level-0 size * slide_mpp / mpp_um)``; read in strips so memory stays
+        bounded by the output size.
+        """
+        from tmequant.wsi.resample import read_resampled
+
+        ds = mpp_um / self.info.level_mpp_um(0)  # level-0 px per output px
+        w0, h0 = self.info.dimensions
+        ow, oh = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+        level = self.best_level_for_mpp(mpp_um)
+        out = np.empty((oh, ow, 3), np.uint8)
+        # output rows per strip so that one read stays under ~64 MB of RGBA
+        lds = self.info.level_downsamples[level]
+        bytes_per_out_row = (w0 / lds) * (ds / lds) * 4
+        strip = min(oh, max(8, int((64 << 20) / max(bytes_per_out_row, 1.0))))
+        for y in range(0, oh, strip):
+            sh = min(strip, oh - y)
+            out[y : y + sh] = read_resampled(self, level, (0.0, y * ds, ow * ds, (y + sh) * ds), (ow, sh))
+        return out
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.info.dimensions
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"Slide({i.path!r}, reader={i.reader}, vendor={i.vendor}, levels={i.level_count}, "
+                f"mpp_um={i.mpp_um}, mpp_source={i.mpp_source})")
+
+
+# --- backends -----------------------------------------------------------------------------
+def nominal_downsamples(dims: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
+    """Level downsamples, snapped to the integer factor the pyramid was built with.
+
+    A level made by reducing level 0 by k has size ceil or floor(level-0 size / k), so the
+    ratio of sizes (what OpenSlide reports, e.g. 15.95) is off by up to a pixel at the far
+    edge; the integer k maps coordinates exactly. Non-integer ratios are kept as they are.
+    """
+    w0, h0 = dims[0]
+    out = []
+    for w, h in dims:
+        r = w0 / w
+        k = round(r)
+        ok = k >= 1 and all(abs(v - v0 / k) < 1.0 for v, v0 in ((w, w0), (h, h0)))
+        out.append(float(k) if ok else r)
+    return tuple(out)
+
+
+class _OpenSlideBackend:
+    def __init__(self, osr: Any, scales: tuple[float, ...]):
+        self.osr = osr
+        self.scales = scales  # nominal downsamples (ours); OpenSlide's are size ratios
+        self.os_ds = tuple(float(d) for d in osr.level_downsamples)
+
+    def read_region(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        if level:
+            # level pixel (floor(x0 / k)) -> the level-0 coordinate OpenSlide maps onto it
+            # exactly (OpenSlide interpolates fractional level coordinates)
+            k, d = self.scales[level], self.os_ds[level]
+            x0 = math.ceil(math.floor(x0 / k) * d - 1e-6)
+            y0 = math.ceil(math.floor(y0 / k) * d - 1e-6)
+        rgba = np.asarray(self.osr.read_region((x0, y0), level, (w, h)))
+        return rgba_to_rgb_white(rgba)
+
+    def close(self) -> None:
+        self.osr.close()
+
+
+def rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
+    """OpenSlide's premultiplied RGBA -> RGB composited on white (transparent -> 255)."""
+    rgb = rgba[..., :3]
+    a = rgba[..., 3]
+    if a.min() == 255:
+        return np.ascontiguousarray(rgb)
+    # premultiplied: out = rgb + (255 - a) * white / 255
+    return (rgb.astype(np.uint16) + (255 - a)[..., None]).clip(0, 255).astype(np.uint8)
+
+
+class _TiffBackend:
+    """Level arrays through tifffile's zarr store (decodes only the tiles a region touches)."""
+
+    def __init__(self, path: str, tf: Any, series: Any):
+        self.tf = tf
+        self.levels = []
+        self._lock = threading.Lock()
+        for lv in range(len(series.levels)):
+            store = series.aszarr(level=lv)
+            self.levels.append(_open_level(store))
+        self.shapes = [lvl.shape for lvl in series.levels]
+        self.axes = series.axes
+        xi, yi = series.axes.index("X"), series.axes.index("Y")
+        self.ds = nominal_downsamples(tuple((int(s.shape[xi]), int(s.shape[yi])) for s in series.levels))
+
+    def read_region(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        arr = self.levels[level]
+        ds = self.ds[level]
+        lx, ly = int(math.floor(x0 / ds)), int(math.floor(y0 / ds))
+        H, W = arr.shape[0], arr.shape[1]
+        out = np.full((h, w, 3), 255, np.uint8)
+        sx0, sy0 = max(lx, 0), max(ly, 0)
+        sx1, sy1 = min(lx + w, W), min(ly + h, H)
+        if sx1 > sx0 and sy1 > sy0:
+            with self._lock:  # one file handle; tifffile serialises reads on it anyway
+                data = np.asarray(arr[sy0:sy1, sx0:sx1])
+            if data.ndim == 2:
+                data = np.repeat(data[..., None], 3, axis=2)
+            data = _to_uint8(data[..., :3])
+            out[sy0 - ly : sy1 - ly, sx0 - lx : sx1 - lx] = data
+        return out
+
+    def close(self) -> None:
+        self.tf.close()
+
+
+def _open_level(store: Any) -> Any:
+    import zarr
+
+    z = zarr.open(store, mode="r")
+    return z
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.uint16:
+        return (a >> 8).astype(np.uint8)
+    a = a.astype(np.float32)
+    hi = float(a.max()) or 1.0
+    return (a / hi * 255).clip(0, 255).astype(np.uint8)
+
+
+# --- opening --------------------------------------------------------------------------------
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise SlideError("no such file", path)
+    if path.is_dir():
+        raise SlideError("is a folder, not a slide file", path)
+    size = path.stat().st_size
+    if size == 0:
+        raise SlideError("is empty (0 bytes)", path)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise SlideError(f"cannot be read: {e.strerror or e}", path) from None
+
+
+def _open_openslide(path: Path) -> tuple[Any, str] | None:
+    import openslide
+
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except Exception:
+        fmt = None
+    if fmt is None:
+        return None
+    try:
+        return openslide.OpenSlide(str(path)), fmt
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"OpenSlide cannot read it ({fmt}): {str(e).splitlines()[0] if str(e) else 'corrupt file'}",
+                         path) from None
+    except Exception as e:
+        raise SlideError(f"cannot open ({fmt}): {type(e).__name__}: {e}", path) from None
+
+
+def _is_ome_or_subifd(path: Path) -> bool:
+    import tifffile
+
+    tlog = logging.getLogger("tifffile")
+    old_level = tlog.level
+    tlog.setLevel(logging.CRITICAL)
+    try:
+        with tifffile.TiffFile(path) as tf:
+            return bool(tf.is_ome) or bool(tf.pages.first.subifds)
+    except Exception:
+        return False
+    finally:
+        tlog.setLevel(old_level)
+
+
+def open_slide(path: str | os.PathLike[str], mpp_override_um: float | None = None,
+               require_mpp: bool = True) -> Slide:
+    """Open a slide; raises SlideError (one line naming the file) if it cannot be read.
+
+    ``mpp_override_um`` replaces the file's pixel size; without it a slide with no usable
+    MPP raises SlideError unless ``require_mpp=False`` (then ``info.mpp_um`` is None).
+    """
+    p = Path(path)
+    _check_file(p)
+    opened = None
+    if not _is_ome_or_subifd(p):  # OpenSlide reads an OME pyramid as one level: use tifffile
+        opened = _open_openslide(p)
+    if opened is not None:
+        osr, fmt = opened
+        try:
+            return _slide_from_openslide(p, osr, fmt, mpp_override_um, require_mpp)
+        except BaseException:
+            osr.close()
+            raise
+    return _open_tifffile(p, mpp_override_um, require_mpp)
+
+
+def _slide_from_openslide(p: Path, osr: Any, fmt: str, override: float | None,
+                          require: bool) -> Slide:
+    props = dict(osr.properties)
+    vendor = props.get("openslide.vendor", fmt)
+    vx, vy = _float(props.get("openslide.mpp-x")), _float(props.get("openslide.mpp-y"))
+    tiff_mpp = _mpp_from_resolution(props.get("tiff.XResolution"), props.get("tiff.YResolution"),
+                                    props.get("tiff.ResolutionUnit"))
+    if vendor == "generic-tiff":
+        # OpenSlide derives generic-tiff MPP from the resolution tags: report it as such.
+        vx = vy = None
+    ome = None
+    mpp, mx, my, src = resolve_mpp(str(p), (vx, vy), tiff_mpp, ome, override, require)
+    dims = tuple((int(d[0]), int(d[1])) for d in osr.level_dimensions)
+    scales = nominal_downsamples(dims)
+    info = SlideInfo(
+        path=str(p.resolve()), reader="openslide", vendor=vendor,
+        level_dimensions=dims, level_downsamples=scales,
+        associated_images=tuple(sorted(osr.associated_images.keys())),
+        mpp_um=mpp, mpp_source=src, mpp_x_um=mx, mpp_y_um=my,
+        objective_power=_float(props.get("openslide.objective-power")), properties=props,
+    )
+    return Slide(info, _OpenSlideBackend(osr, scales))
+
+
+def _open_tifffile(p: Path, override: float | None, require: bool) -> Slide:
+    import tifffile
+
+    tlog = logging.getLogger("tifffile")
+    old_level = tlog.level
+    tlog.setLevel(logging.CRITICAL)  # its warnings about corrupt files would be noise here
+    try:
+        tf = tifffile.TiffFile(p)
+        _ = tf.series
+    except Exception as e:
+        raise SlideError(f"not a readable slide (neither OpenSlide nor tifffile can open it: "
+                         f"{type(e).__name__})", p) from None
+    finally:
+        tlog.setLevel(old_level)
+    try:
+        if not tf.series:
+            raise SlideError("TIFF is truncated or corrupt (no readable image in it)", p)
+        series = tf.series[0]
+        axes = series.axes
+        if "Y" not in axes or "X" not in axes or any(a not in "YXSC" for a in axes):
+            raise SlideError(f"TIFF image axes {axes!r} are not a 2-D RGB slide", p)
+        page = series.levels[0].keyframe
+        tags = page.tags
+        tiff_mpp = None
+        if "XResolution" in tags and "ResolutionUnit" in tags:
+            tiff_mpp = _mpp_from_resolution(tags["XResolution"].value,
+                                            tags["YResolution"].value if "YResolution" in tags else None,
+                                            int(tags["ResolutionUnit"].value))
+        ome_mpp = _mpp_from_ome(tf.ome_metadata) if tf.is_ome else None
+        mpp, mx, my, src = resolve_mpp(str(p), (None, None), tiff_mpp, ome_mpp, override, require)
+        xi, yi = axes.index("X"), axes.index("Y")
+        dims = tuple((int(lv.shape[xi]), int(lv.shape[yi])) for lv in series.levels)
+        kind = (series.kind or "tiff").lower()
+        vendor = "ome" if tf.is_ome else kind
+        assoc = tuple(s.name.lower() for s in tf.series[1:] if s.name)
+        backend = _TiffBackend(str(p), tf, series)
+        info = SlideInfo(
+            path=str(p.resolve()), reader="tifffile", vendor=vendor, level_dimensions=dims,
+            level_downsamples=nominal_downsamples(dims), associated_images=assoc,
+            mpp_um=mpp, mpp_source=src, mpp_x_um=mx, mpp_y_um=my,
+        )
+        return Slide(info, backend)
+    except SlideError:
+        tf.close()
+        raise
+    except Exception as e:
+        tf.close()
+        raise SlideError(f"cannot read TIFF structure: {type(e).__name__}: {e}", p) from None
