@@ -31,7 +31,7 @@ from scipy.stats import pearsonr, spearmanr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tmequant.inference.nuclei import NucleusCounterParams, count_tiles, detect_nuclei  # noqa: E402
+from tmequant.inference.nuclei import NucleusCounterParams, count_tiles, detect_nuclei
 
 MPP_UM = 0.5  # assumed: histolytics does not state the pixel size
 WINDOW_PX = 224  # 112 um at 0.5 um/px
@@ -85,7 +85,7 @@ def match(det_xy: np.ndarray, true_xy: np.ndarray, radius_px: float) -> dict[str
     p = tp / len(det_xy) if len(det_xy) else float("nan")
     rc = tp / len(true_xy) if len(true_xy) else float("nan")
     f1 = 2 * tp / (len(det_xy) + len(true_xy)) if len(det_xy) + len(true_xy) else float("nan")
-    return {"n_detected": int(len(det_xy)), "n_labelled": int(len(true_xy)), "tp": tp,
+    return {"n_detected": len(det_xy), "n_labelled": len(true_xy), "tp": tp,
             "precision": p, "recall": rc, "f1": f1}
 
 
@@ -115,7 +115,7 @@ def evaluate(folder: Path, params: NucleusCounterParams, match_um: float) -> dic
     out["nest_type_ids"] = {str(k): v for k, v in id_to_name.items()}
     pred, truth = window_counts(nest, true_xy, params)
     out["nest_windows"] = {
-        "n_windows": int(len(truth)),
+        "n_windows": len(truth),
         "spearman": float(spearmanr(pred, truth)[0]),
         "pearson": float(pearsonr(pred, truth)[0]),
         "counter_total": float(pred.sum()), "labelled_total": int(truth.sum()),
@@ -158,7 +158,8 @@ def main() -> None:
     print(f"{'nest: Pearson':44s} {w['pearson']:>10.3f}")
     print(f"{'nest: total counter / labelled':44s} "
           f"{w['counter_total']:>5.0f} / {w['labelled_total']:<4d}")
-    print(f"{'nest: detection precision (<= %g um)' % args.match_um:44s} {d['precision']:>10.3f}")
+    label = f"nest: detection precision (<= {args.match_um:g} um)"
+    print(f"{label:44s} {d['precision']:>10.3f}")
     print(f"{'nest: detection recall':44s} {d['recall']:>10.3f}")
     print(f"{'nest: detection F1':44s} {d['f1']:>10.3f}")
     if "stroma_detection" in res:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_path
 from test_inference import make_store, tiny_card
+
 from tmequant.cli import main
 from tmequant.models import create_model, save_model
 from tmequant.tiling.store import SlideStore

@@ -242,6 +242,8 @@ def test_registry_env_folder_and_unknown_names(tmp_path: Path, monkeypatch):
     assert load_model("mine").card.name == "mine"
     with pytest.raises(ModelError, match="models list"):
         load_model("no-such-model")
+    with pytest.raises(ModelError, match="not a timm architecture"):
+        load_model("random-not_a_net")
 
 
 def test_hf_hub_offline_is_one_line(monkeypatch):

@@ -47,7 +47,7 @@ def render(cells, mpp_um: float, seed: int = 0, tile_um: float = TILE_UM) -> np.
     """Rasterise a scene at ``mpp_um`` with 2x2 supersampling, slight blur and noise."""
     from scipy import ndimage as ndi
 
-    n = int(round(tile_um / mpp_um))
+    n = round(tile_um / mpp_um)
     ss = 2
     c = (np.arange(n * ss) + 0.5) * (mpp_um / ss)
     yy, xx = np.meshgrid(c, c, indexing="ij")
@@ -132,14 +132,14 @@ def test_params_validate_and_hash():
     assert p.params_hash == NucleusCounterParams().params_hash
     assert p.params_hash != NucleusCounterParams(lymphocyte_min_h_od=0.9).params_hash
     for bad in (
-        dict(lymphocyte_min_area_um2=90.0, lymphocyte_max_area_um2=80.0),
-        dict(lymphocyte_min_roundness=1.5),
-        dict(foreground_h_od=-0.1),
-        dict(seed_h_od=0.3, foreground_h_od=0.45),
-        dict(seed_min_distance_um=0.0),
-        dict(smooth_sigma_um=float("nan")),
-        dict(enabled="yes"),
-        dict(peak_fraction=1.0),
+        {"lymphocyte_min_area_um2": 90.0, "lymphocyte_max_area_um2": 80.0},
+        {"lymphocyte_min_roundness": 1.5},
+        {"foreground_h_od": -0.1},
+        {"seed_h_od": 0.3, "foreground_h_od": 0.45},
+        {"seed_min_distance_um": 0.0},
+        {"smooth_sigma_um": float("nan")},
+        {"enabled": "yes"},
+        {"peak_fraction": 1.0},
     ):
         with pytest.raises(ParamsError, match=r"\[nucleus_counter\]"):
             NucleusCounterParams(**bad).validate()
@@ -155,3 +155,21 @@ def test_bad_input_shapes():
         count_tiles(np.zeros((1, 8, 8, 3), np.float32), 0.5)
     with pytest.raises(ValueError):
         count_tiles(np.zeros((1, 8, 8, 3), np.uint8), 0.0)
+
+
+def test_threads_give_the_same_counts():
+    tiles = np.stack([render(scene(s)[0], 0.5, s) for s in range(4)])
+    np.testing.assert_array_equal(count_tiles(tiles, 0.5, sub_batch=1, workers=2),
+                                  count_tiles(tiles, 0.5))
+
+
+def test_params_file_section(tmp_path):
+    params_mod = pytest.importorskip("tmequant.params")
+    f = tmp_path / "params.toml"
+    f.write_text("[nucleus_counter]\nlymphocyte_max_area_um2 = 90\nstain_normalize = true\n")
+    p = params_mod.nucleus_counter_params_from_file(f)
+    assert p.lymphocyte_max_area_um2 == 90.0 and p.stain_normalize
+    assert p.params_hash != NucleusCounterParams().params_hash
+    f.write_text("[nucleus_counter]\nlymphocyte_darkness = 0.9\n")
+    with pytest.raises(ParamsError, match="lymphocyte_darkness"):
+        params_mod.nucleus_counter_params_from_file(f)

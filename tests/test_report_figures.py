@@ -75,7 +75,7 @@ def test_scale_bar_length_is_nice_and_fits(width_px, um_per_px):
     assert any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
 
 
-@pytest.mark.parametrize("h,w", [(120, 300), (300, 120)])
+@pytest.mark.parametrize("h,w", [(120, 300), (300, 120), (1700, 3401)])  # the last is block-reduced
 def test_thumbnail_keeps_aspect_and_scale_bar_matches_mm(h, w):
     geom = SlideGeometry(thumb_downsample=10.0, slide_mpp_um=0.5, tile_level0_px=224.0)  # 5 um/px
     thumb = np.zeros((h, w, 3), np.uint8)
@@ -213,3 +213,17 @@ class _Group(dict):
     def __init__(self, attrs, **arrays):
         super().__init__(arrays)
         self.attrs = attrs
+
+
+def test_a_slide_without_tiles_still_gets_pictures():
+    geom = SlideGeometry(16.0, 0.5, 224.0)
+    thumb = np.full((50, 80, 3), 240, np.uint8)
+    rc = np.zeros((0, 2), int)
+    empty = np.zeros((4, 6), bool)
+    pngs = [
+        plot_tissue_classes(thumb, rc, np.zeros((0, 2)), ["a", "b"], {"a": "tumor", "b": "stroma"}, geom),
+        plot_lymphocyte_density(thumb, rc, np.zeros(0), geom),
+        plot_compartments(thumb, geom, masks={"bulk": empty, "margin": empty}, tls_labels=empty.astype(int)),
+        plot_thumbnail(thumb, np.zeros((50, 80), bool), geom),
+    ]
+    assert all(p[:4] == b"\x89PNG" for p in pngs)

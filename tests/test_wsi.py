@@ -137,6 +137,10 @@ def test_real_slides():
         assert s.info.mpp_um == pytest.approx(0.499, abs=1e-3)
         assert s.info.dimensions == (2220, 2967)
         assert set(s.info.associated_images) >= {"label", "macro", "thumbnail"}
+        direct = s.read_region(0, 1000, 1200, 300, 200)  # tiles decoded by tmequant
+    with openslide.OpenSlide(str(cmu)) as osr:
+        ref = np.asarray(osr.read_region((1000, 1200), 0, (300, 200)).convert("RGB"))
+    assert np.abs(direct.astype(int) - ref).max() <= 1
     tcga = shared_path("slides", "TCGA-CR-7395-01A-01-TS1.svs")
     with pytest.raises(SlideError, match="--mpp-override"):
         open_slide(tcga)
@@ -144,6 +148,9 @@ def test_real_slides():
         assert s.info.level_dimensions == ((4443, 3567), (2221, 1783))
         px = s.read_region(0, 2000, 1700, 64, 64)
         assert px.std() > 5  # real tissue, not blank
+    with openslide.OpenSlide(str(tcga)) as osr:
+        ref = np.asarray(osr.read_region((2000, 1700), 0, (64, 64)).convert("RGB"))
+    assert np.abs(px.astype(int) - ref).max() <= 1
 
 
 def test_detect_tissue_units():

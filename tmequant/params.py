@@ -17,8 +17,9 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from tmequant.errors import ParamsError
 
@@ -51,7 +52,7 @@ def load_params_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
             raise ParamsError("unknown parameters format: use .toml or .yaml", p)
     except ParamsError:
         raise
-    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError
+    except Exception as e:  # noqa: BLE001 - TOMLDecodeError, YAMLError, UnicodeDecodeError
         raise ParamsError(f"cannot parse: {' '.join(str(e).split())[:200]}", p) from None
     if data is None:
         return {}
@@ -116,7 +117,7 @@ def dataclass_from_mapping(cls: type[T], mapping: Mapping[str, Any] | None,
         raise ParamsError(f"{where}unknown key {unknown[0]!r} (valid: {', '.join(sorted(names))})", src)
     values = {k: _coerce(v, hints.get(k, Any), f"{where}{k}", src) for k, v in mapping.items()}
     try:
-        obj = dataclasses.replace(base, **values) if base is not None else cls(**values)
+        obj = dataclasses.replace(base, **values) if base is not None else cls(**values)  # type: ignore[type-var]
         validate = getattr(obj, "validate", None)
         if callable(validate):
             res = validate()

@@ -22,9 +22,10 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import shapely
@@ -123,7 +124,7 @@ def parse_features(obj: Any, source: str | Path = "<geojson>") -> list[Feature]:
         gj = props.get("nucleusGeometry") if isinstance(props.get("nucleusGeometry"), dict) else f["geometry"]
         try:
             geom = shape(gj)
-        except Exception as e:  # shapely raises several types for bad coordinates
+        except Exception as e:  # noqa: BLE001 - shapely raises several types for bad coordinates
             raise CellTableError(f"feature {i}: invalid geometry ({type(e).__name__}: {e})", source) from None
         otype = str(props.get("objectType", props.get("object_type", "annotation"))).lower()
         out.append(Feature(

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,14 @@ from tmequant.roles import TISSUE_ROLES
 log = logging.getLogger("tmequant")
 
 UM2_PER_MM2 = 1e6
+_REL_EPS = 1e-9  # thresholds are inclusive; forgive float round-off of sums and ratios
+
+
+def at_least(values: np.ndarray | float, threshold: float) -> np.ndarray:
+    """values >= threshold, inclusive up to float round-off; NaN is never at least anything."""
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return v >= threshold - _REL_EPS * max(abs(threshold), 1.0)
 _EIGHT = np.ones((3, 3), dtype=bool)
 COMPARTMENT_NAMES = ("tumor", "bulk", "epithelium", "tumor_stroma", "margin", "core")
 
@@ -58,7 +67,7 @@ class DenseGrid:
     has_tile: np.ndarray
 
     @classmethod
-    def of(cls, rows: np.ndarray, cols: np.ndarray, pad: int) -> "DenseGrid":
+    def of(cls, rows: np.ndarray, cols: np.ndarray, pad: int) -> DenseGrid:
         if rows.size == 0:
             return cls((0, 0), (2 * pad + 1, 2 * pad + 1), rows.astype(np.int64),
                        cols.astype(np.int64), np.zeros((2 * pad + 1, 2 * pad + 1), bool))
@@ -83,7 +92,7 @@ class DenseGrid:
 
 def disk_footprint(radius_cells: float) -> np.ndarray:
     """Boolean disk of cells whose centres lie within ``radius_cells`` of the centre cell."""
-    k = int(math.floor(radius_cells + 1e-9))
+    k = math.floor(radius_cells + 1e-9)
     yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
     return (yy * yy + xx * xx) <= radius_cells * radius_cells + 1e-9
 
@@ -141,15 +150,16 @@ class Compartments:
         return self.dense.sample(getattr(self, name))
 
 
-def compartments(grid: TileGrid, params: BiomarkerParams = BiomarkerParams()) -> Compartments:
+def compartments(grid: TileGrid, params: BiomarkerParams | None = None) -> Compartments:
     """Tumour bulk, epithelium, tumour-associated stroma, invasive margin and core.
 
     The margin is the band of cells whose centre lies within ``margin_um`` of the bulk
     border on either side; the border runs between cells, so a cell's distance to it is its
     Euclidean distance transform (in um) minus half a pitch.
     """
+    params = params or BiomarkerParams()
     t = grid.tile_um
-    pad = int(math.ceil(max(params.bulk_close_um / 2.0, params.margin_um) / t)) + 2
+    pad = math.ceil(max(params.bulk_close_um / 2.0, params.margin_um) / t) + 2
     dense = DenseGrid.of(grid.rows, grid.cols, pad)
     roles = grid.hard_roles()
     ti = TISSUE_ROLES.index
@@ -186,7 +196,7 @@ def counts_from_cells(grid: TileGrid, cells: pd.DataFrame,
     c = np.floor(cells["x"].to_numpy(dtype=np.float64) / s).astype(np.int64)
     n = grid.n_tiles
     if n == 0:
-        return np.zeros(0), np.zeros(0), int(len(cells))
+        return np.zeros(0), np.zeros(0), len(cells)
     dense = DenseGrid.of(grid.rows, grid.cols, 0)
     idx = np.full(dense.shape, -1, dtype=np.int64)
     idx[dense.r, dense.c] = np.arange(n)
@@ -200,9 +210,10 @@ def counts_from_cells(grid: TileGrid, cells: pd.DataFrame,
     return lymph, tumor, int((~ok).sum())
 
 
-def lymphocyte_counts(grid: TileGrid, params: BiomarkerParams = BiomarkerParams()) -> tuple[np.ndarray, str]:
+def lymphocyte_counts(grid: TileGrid, params: BiomarkerParams | None = None) -> tuple[np.ndarray, str]:
     """(N,) lymphocytes per tile and their source; without counts, immune-role area x
     ``area_estimate_per_mm2`` (source ``area_estimate``)."""
+    params = params or BiomarkerParams()
     if grid.lymphocyte_counts is not None:
         return grid.lymphocyte_counts, grid.count_source or "model"
     est = grid.prob("immune") * grid.tissue_area_um2 * params.area_estimate_per_mm2 / UM2_PER_MM2
@@ -234,7 +245,7 @@ def til_positive_fraction(tile_density: np.ndarray, mask: np.ndarray, threshold_
     m = np.asarray(mask, dtype=bool)
     if not m.any():
         return math.nan
-    return float(np.mean(np.nan_to_num(tile_density[m], nan=-1.0) >= threshold_per_mm2))
+    return float(np.mean(at_least(tile_density[m], threshold_per_mm2)))
 
 
 def exclusion_ratio(numerator: float, denominator: float) -> float:
@@ -286,7 +297,7 @@ def block_sums(rows: np.ndarray, cols: np.ndarray, block: int, values: list[np.n
 
 # --- phenotype -------------------------------------------------------------------------
 def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
-                     params: BiomarkerParams = BiomarkerParams()) -> dict[str, Any]:
+                     params: BiomarkerParams | None = None) -> dict[str, Any]:
     """Inflamed / excluded / desert over bulk regions of ``phenotype_region_mm2``.
 
     Regions are squares of round(sqrt(region area) / tile_um) tiles (at least 1) anchored at
@@ -295,7 +306,8 @@ def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
     With no scored region the label is ``not_evaluable`` (the spec would say desert, which
     would call a tumour-free slide immune-cold).
     """
-    side = max(1, int(round(math.sqrt(params.phenotype_region_mm2 * UM2_PER_MM2) / grid.tile_um)))
+    params = params or BiomarkerParams()
+    side = max(1, round(math.sqrt(params.phenotype_region_mm2 * UM2_PER_MM2) / grid.tile_um))
     area = grid.tissue_area_um2
     in_bulk = comp.tiles("bulk")
     epi = comp.tiles("epithelium")
@@ -314,16 +326,16 @@ def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
         frac = np.where(a_bulk > 0, a_epi / a_bulk, 0.0)
         it = np.where(a_epi > 0, l_epi / a_epi * UM2_PER_MM2, np.nan)
         st = np.where(a_str > 0, l_str / a_str * UM2_PER_MM2, np.nan)
-    scored = (a_bulk > 0) & (a_epi > 0) & (frac >= params.phenotype_min_tumor_fraction - 1e-12)
+    scored = (a_bulk > 0) & (a_epi > 0) & at_least(frac, params.phenotype_min_tumor_fraction)
     n = int(scored.sum())
     if n == 0:
         return {**out, **nan_out}
-    inflamed = scored & (np.nan_to_num(it, nan=-1) >= params.inflamed_it_per_mm2)
-    excluded = scored & ~inflamed & (np.nan_to_num(st, nan=-1) >= params.excluded_st_per_mm2)
+    inflamed = scored & at_least(it, params.inflamed_it_per_mm2)
+    excluded = scored & ~inflamed & at_least(st, params.excluded_st_per_mm2)
     desert = scored & ~inflamed & ~excluded
     f_inf, f_exc, f_des = inflamed.sum() / n, excluded.sum() / n, desert.sum() / n
-    thr = params.phenotype_fraction - 1e-12
-    label = "inflamed" if f_inf >= thr else "excluded" if f_exc >= thr else "desert"
+    thr = params.phenotype_fraction
+    label = ("inflamed" if at_least(f_inf, thr) else "excluded" if at_least(f_exc, thr) else "desert")
     return {**out, "immune_phenotype": label, "phenotype_regions_n": n,
             "phenotype_inflamed_fraction": float(f_inf), "phenotype_excluded_fraction": float(f_exc),
             "phenotype_desert_fraction": float(f_des)}
@@ -336,7 +348,7 @@ TLS_COLUMNS = ["tls_id", "area_um2", "n_lymphocytes", "mean_density_per_mm2", "c
 
 
 def find_tls(grid: TileGrid, comp: Compartments, counts: np.ndarray,
-             params: BiomarkerParams = BiomarkerParams()) -> tuple[np.ndarray, pd.DataFrame]:
+             params: BiomarkerParams | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Tertiary lymphoid structures: 8-connected immune-role tiles (P >= ``tls_prob``) with
     lymphocyte density >= ``tls_min_density_per_mm2``, area >= ``tls_min_area_um2``, whose gap
     to the bulk (centre distance minus one pitch, so an adjacent tile has gap 0) is at most
@@ -345,6 +357,7 @@ def find_tls(grid: TileGrid, comp: Compartments, counts: np.ndarray,
     Returns ((N,) int TLS id per tile, 0 = none; ids 1..k in raster order) and the TLS table.
     No bulk means no TLS: aggregates far from tumour (lymph node) are not TLS.
     """
+    params = params or BiomarkerParams()
     n = grid.n_tiles
     labels = np.zeros(n, dtype=np.int64)
     empty = pd.DataFrame({c: pd.Series(dtype=float) for c in TLS_COLUMNS})
@@ -352,7 +365,7 @@ def find_tls(grid: TileGrid, comp: Compartments, counts: np.ndarray,
         return labels, empty
     area = grid.tissue_area_um2
     dens = tile_density_per_mm2(counts, area)
-    cand = (grid.prob("immune") >= params.tls_prob) & (np.nan_to_num(dens, nan=-1) >= params.tls_min_density_per_mm2)
+    cand = at_least(grid.prob("immune"), params.tls_prob) & at_least(dens, params.tls_min_density_per_mm2)
     if not cand.any():
         return labels, empty
     lab_r, k = ndi.label(comp.dense.paint(cand, False), structure=_EIGHT)
@@ -374,7 +387,7 @@ def find_tls(grid: TileGrid, comp: Compartments, counts: np.ndarray,
         overlap = np.bincount(idx, weights=w * in_bulk[cand], minlength=m) / a
     mingap = np.full(m, np.inf)
     np.minimum.at(mingap, idx, gap[cand])
-    keep = (a >= params.tls_min_area_um2 - 1e-9) & (mingap <= params.tls_max_distance_um + 1e-9) & (a > 0)
+    keep = at_least(a, params.tls_min_area_um2) & at_least(-mingap, -params.tls_max_distance_um) & (a > 0)
     keep[0] = False
     ids = np.flatnonzero(keep)
     new = np.zeros(m, dtype=np.int64)
@@ -445,13 +458,14 @@ PROVENANCE_KEYS = ("slide_id", "source_path", "source_fingerprint", "slide_mpp_u
 
 
 def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
-                       params: BiomarkerParams = BiomarkerParams(),
+                       params: BiomarkerParams | None = None,
                        cell_role_map: Mapping[str, str] | None = None) -> BiomarkerResult:
     """All biomarkers of docs/biomarkers.md for one slide.
 
     ``cells`` (x, y level-0 px, class), when given, replaces the grid's counts
     (count_source ``cell_table``) and gives Morisita-Horn at cell resolution.
     """
+    params = params or BiomarkerParams()
     from tmequant.provenance import package_version, params_hash, to_jsonable
 
     if cells is not None:
@@ -498,7 +512,7 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
 
     labels, tls = find_tls(grid, comp, counts, params)
     peri_area = float(area[t["bulk"] | t["margin"]].sum())
-    row["tls_count"] = int(len(tls))
+    row["tls_count"] = len(tls)
     row["tls_per_mm2"] = len(tls) / peri_area * UM2_PER_MM2 if peri_area > 0 else math.nan
     row["tls_intratumoral_count"] = int((tls["location"] == "intratumoral").sum()) if len(tls) else 0
     row["tls_peritumoral_count"] = int((tls["location"] == "peritumoral").sum()) if len(tls) else 0
@@ -530,7 +544,7 @@ def _morisita_horn(grid: TileGrid, cells: pd.DataFrame | None, counts: np.ndarra
                                  params.mh_cell_um, [role == "lymphocyte", role == "tumor_cell"])
         return {"morisita_horn": morisita_horn(tum, lym), "morisita_horn_square_um": params.mh_cell_um,
                 "morisita_horn_tumor_source": "cell_table"}
-    block = max(1, int(round(params.mh_cell_um / grid.tile_um)))
+    block = max(1, round(params.mh_cell_um / grid.tile_um))
     if grid.tumor_cell_counts is not None:
         tumor, src = grid.tumor_cell_counts, grid.count_source or "model"
     else:

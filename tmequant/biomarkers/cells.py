@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -152,7 +152,7 @@ def _read_parquet(p: Path) -> pd.DataFrame:
 
     try:
         table = pq.read_table(p)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError on garbage
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError on garbage
         raise CellTableError(f"not a readable Parquet file ({type(e).__name__}: {e})", p) from None
     meta = table.schema.metadata or {}
     geo_col = None
@@ -169,7 +169,7 @@ def _read_parquet(p: Path) -> pd.DataFrame:
         wkb = table.column(geo_col).to_numpy(zero_copy_only=False)
         try:
             geoms = shapely.from_wkb(wkb)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - shapely GEOSException and friends
             raise CellTableError(f"geometry column {geo_col!r} is not WKB ({e})", p) from None
         pts = shapely.centroid(geoms)
         cc = _pick(cols, _CLASS_NAMES)

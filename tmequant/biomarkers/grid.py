@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -113,7 +114,7 @@ class TileGrid:
     # --- constructors ------------------------------------------------------------------
     @classmethod
     def from_store(cls, store_or_path: Any, model_name: str, cells: pd.DataFrame | None = None,
-                   cell_role_map: Mapping[str, str] | None = None) -> "TileGrid":
+                   cell_role_map: Mapping[str, str] | None = None) -> TileGrid:
         """Grid of a finished slide store and its ``predictions/<model_name>`` group.
 
         Counts, by precedence: ``cells`` (a cell table, see read_cell_table) > the model's
@@ -129,7 +130,7 @@ class TileGrid:
         tissue_roles = dict(card.get("tissue_roles") or {})
         if "tissue_probs" not in grp:
             raise StoreError(f"predictions/{model_name} has no tissue_probs", store.path)
-        probs = np.asarray(grp["tissue_probs"][...], dtype=np.float32)
+        probs = np.asarray(grp["tissue_probs"][...], dtype=np.float32)  # type: ignore[index]
         n = store.n_tiles
         if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != len(tissue_classes):
             raise StoreError(
@@ -152,7 +153,7 @@ class TileGrid:
         cell_classes = list(card.get("cell_classes") or [])
         cell_roles_map = dict(card.get("cell_roles") or {})
         if "cell_counts" in grp and cell_classes:
-            counts = np.asarray(grp["cell_counts"][...], dtype=np.float64)
+            counts = np.asarray(grp["cell_counts"][...], dtype=np.float64)  # type: ignore[index]
             if counts.shape == (n, len(cell_classes)):
                 by_role = _sum_by_role(counts, cell_classes, cell_roles_map, store.path)
                 if "lymphocyte" in by_role:
@@ -176,7 +177,7 @@ class TileGrid:
     def from_table(cls, df: pd.DataFrame, tile_um: float, slide_mpp_um: float,
                    class_roles: Mapping[str, str] | None = None,
                    tile_level0_px: float | None = None,
-                   metadata: Mapping[str, Any] | None = None) -> "TileGrid":
+                   metadata: Mapping[str, Any] | None = None) -> TileGrid:
         """Grid from a caller's per-tile table (one row per tile).
 
         Position: ``row, col`` columns, or ``x, y`` (level-0 px of the top-left corner).
@@ -217,14 +218,14 @@ class TileGrid:
                    count_source="model" if lymph is not None else None,
                    metadata=dict(metadata or {}))
 
-    def with_cells(self, cells: pd.DataFrame, cell_role_map: Mapping[str, str] | None = None) -> "TileGrid":
+    def with_cells(self, cells: pd.DataFrame, cell_role_map: Mapping[str, str] | None = None) -> TileGrid:
         """A copy whose counts come from a cell table (count_source ``cell_table``)."""
         from dataclasses import replace
 
         from tmequant.biomarkers.aggregate import counts_from_cells
 
         lymph, tumor, outside = counts_from_cells(self, cells, cell_role_map)
-        meta = dict(self.metadata, n_cells=int(len(cells)), n_cells_outside_tiles=int(outside))
+        meta = dict(self.metadata, n_cells=len(cells), n_cells_outside_tiles=int(outside))
         return replace(self, lymphocyte_counts=lymph, tumor_cell_counts=tumor,
                        count_source="cell_table", metadata=meta)
 
@@ -247,6 +248,6 @@ def _sum_by_role(values: np.ndarray, classes: list[str], roles: Mapping[str, str
     for k, c in enumerate(classes):
         r = roles.get(c)
         if r is None:
-            raise StoreError(f"model card maps no role to class {c!r}", path)
+            raise StoreError(f"model card maps no role to class {c!r}", str(path))
         out[r] = out.get(r, 0) + values[:, k].astype(np.float64)
     return out

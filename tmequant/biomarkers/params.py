@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Mapping
 
 
 def _p(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
@@ -53,7 +53,7 @@ class BiomarkerParams:
 
 def check_range(cls: type, name: str, value: Any) -> None:
     """Raise ValueError naming ``name`` when ``value`` is outside the field's [min, max]."""
-    meta = {f.name: f.metadata for f in fields(cls)}.get(name, {})
+    meta: Mapping[str, Any] = {f.name: f.metadata for f in fields(cls)}.get(name, {})
     lo, hi = meta.get("min"), meta.get("max")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         if lo is not None or hi is not None:

@@ -13,6 +13,7 @@ from tmequant.errors import TmequantError
 
 # Each verb registers itself on `app` when imported.
 from tmequant.cli import tile as _tile  # noqa: F401,E402
+from tmequant.cli import biomarkers as _biomarkers  # noqa: F401,E402
 from tmequant.cli import predict as _predict  # noqa: F401,E402
 from tmequant.cli import models as _models  # noqa: F401,E402
 from tmequant.cli import train as _train  # noqa: F401,E402

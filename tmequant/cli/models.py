@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -47,7 +46,7 @@ def import_cmd(
     state_dict: Path = typer.Argument(..., help="A plain PyTorch state dict (.pt/.pth), read with weights_only."),
     card: Path = typer.Option(..., "--card", help="The model card (model.json) describing the network."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model folder."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture (must match the card's)."),
+    arch: str | None = typer.Option(None, "--arch", help="timm architecture (must match the card's)."),
 ) -> None:
     """Convert a plain state dict into a model folder (safetensors + card); no code is unpickled."""
     from tmequant.models import import_state_dict

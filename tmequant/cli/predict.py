@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -42,18 +41,18 @@ def expand_stores(args: list[str]) -> list[str]:
 
 def store_id(path: str) -> str:
     name = path.rstrip("/").rsplit("/", 1)[-1]
-    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+    return name.removesuffix(".zarr")
 
 
 @app.command("predict")
 def predict_cmd(
-    stores: List[str] = typer.Argument(..., help="Slide stores (*.zarr), folders of stores or globs."),
+    stores: list[str] = typer.Argument(..., help="Slide stores (*.zarr), folders of stores or globs."),
     model: str = typer.Option(..., "--model", "-m",
                               help="Model folder, registered name (`tmequant models list`) or hf-hub:org/name."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
-    batch_size: Optional[int] = typer.Option(
+    batch_size: int | None = typer.Option(
         None, "--batch-size", "-b", help="Tiles per batch (default 32 on CPU, 256 on CUDA; halved on OOM)."),
-    workers: Optional[int] = typer.Option(
+    workers: int | None = typer.Option(
         None, "--workers", "-j", help="DataLoader reader processes (default: 1 on CPU, up to 8 on CUDA)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (faster on GPU after warm-up)."),
     allow_mismatch: bool = typer.Option(
@@ -80,7 +79,8 @@ def predict_cmd(
     batch = run_per_slide(
         paths,
         lambda p: predict_store(p, loaded, device=dev, batch_size=batch_size, num_workers=workers,
-                                compile=compile, allow_mismatch=allow_mismatch, overwrite=overwrite),
+                                compile=compile, allow_mismatch=allow_mismatch, overwrite=overwrite,
+                                progress=None),  # None: follows --quiet
         item_id=store_id, stage="predict")
     for sid, r in batch.results.items():
         what = "already complete" if r.skipped else (

@@ -26,7 +26,7 @@ def tile_cmd(
     mask_mpp: float = typer.Option(
         8.0, "--mask-mpp", help="Resolution of the tissue mask, um/px.", show_default=True),
     compression: str = typer.Option(
-        "zstd", "--compression", help="Lossless codec of tiles/images: zstd, zstd-1, zstd-9, blosc-lz4, none.",
+        "blosc-lz4", "--compression", help="Lossless codec of tiles/images: blosc-lz4, zstd-1, zstd (level 3), zstd-9, none.",
         show_default=True),
     workers: Optional[int] = typer.Option(
         None, "--workers", "-j", help="Reader threads per slide (default: min(4, number of CPUs))."),

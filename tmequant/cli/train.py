@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -17,7 +16,7 @@ _DATA_HELP = ("Labels: a folder of class sub-folders (NCT-CRC-HE-100K layout), a
               "[,patient_id][,mpp].")
 
 
-def _roles(items: Optional[List[str]], what: str) -> Optional[dict[str, str]]:
+def _roles(items: list[str] | None, what: str) -> dict[str, str] | None:
     if not items:
         return None
     out = {}
@@ -36,16 +35,16 @@ def train_cmd(
                              "split.csv, metrics.json, figures); `tmequant predict --model` takes it."),
     arch: str = typer.Option("efficientnet_lite0", "--arch", help="Any timm architecture name.",
                              show_default=True),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the --out folder's name)."),
+    name: str | None = typer.Option(None, "--name", help="Model name (default: the --out folder's name)."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
                                     help="Start from offline ImageNet weights (efficientnet_lite0; "
                                          "other archs start random).", show_default=True),
-    init: Optional[str] = typer.Option(None, "--init", help="Start from a model folder or a "
+    init: str | None = typer.Option(None, "--init", help="Start from a model folder or a "
                                        ".safetensors state dict (no pickle)."),
     epochs: int = typer.Option(10, "--epochs", help="Passes over the training split.", show_default=True),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap on optimizer steps (the "
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Cap on optimizer steps (the "
                                             "schedule spans min(epochs, this))."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after-steps", help="Stop after this many "
+    stop_after: int | None = typer.Option(None, "--stop-after-steps", help="Stop after this many "
                                              "steps as if interrupted (resume later with --resume)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Tiles per step.", show_default=True),
     lr: float = typer.Option(3e-4, "--lr", help="Peak AdamW learning rate.", show_default=True),
@@ -65,13 +64,13 @@ def train_cmd(
     class_weights: str = typer.Option("none", "--class-weights", help="none or balanced.", show_default=True),
     count_loss: str = typer.Option("poisson", "--count-loss", help="poisson or mse_log.", show_default=True),
     no_augment: bool = typer.Option(False, "--no-augment", help="Switch augmentation off."),
-    macenko: Optional[str] = typer.Option(None, "--macenko-target", help="Normalise every tile's stains "
+    macenko: str | None = typer.Option(None, "--macenko-target", help="Normalise every tile's stains "
                                           "to this image (Macenko)."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated tissue classes "
+    classes: str | None = typer.Option(None, "--classes", help="Comma-separated tissue classes "
                                           "(fixes order; unknown labels become an error)."),
-    role: Optional[List[str]] = typer.Option(None, "--role", help="CLASS=ROLE for a tissue class "
+    role: list[str] | None = typer.Option(None, "--role", help="CLASS=ROLE for a tissue class "
                                              "(tumor, stroma, immune, necrosis, other_tissue, background); repeatable."),
-    cell_role: Optional[List[str]] = typer.Option(None, "--cell-role", help="CLASS=ROLE for a cell "
+    cell_role: list[str] | None = typer.Option(None, "--cell-role", help="CLASS=ROLE for a cell "
                                                   "class (lymphocyte, tumor_cell, other); repeatable."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.", show_default=True),
     workers: int = typer.Option(0, "--workers", "-j", help="DataLoader worker processes.", show_default=True),
@@ -109,9 +108,9 @@ def train_cmd(
 def evaluate_cmd(
     data: str = typer.Argument(..., help=_DATA_HELP),
     model: str = typer.Option(..., "--model", "-m", help="Model folder or registry name."),
-    split: Optional[str] = typer.Option(None, "--split", help="Only tiles of this split (train, val, "
+    split: str | None = typer.Option(None, "--split", help="Only tiles of this split (train, val, "
                                         "test) of the model folder's split.csv."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the metrics as JSON here."),
     batch_size: int = typer.Option(64, "--batch-size", show_default=True),
     device: str = typer.Option("auto", "--device", show_default=True),
 ) -> None:

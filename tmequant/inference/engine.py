@@ -23,14 +23,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from tmequant.errors import InputError, ModelError, StoreError
+from tmequant.errors import InputError, StoreError
 from tmequant.models import LoadedModel, ModelCard, TmeNet, load_model
 from tmequant.progress import ProgressBar
 from tmequant.provenance import package_version, params_hash
@@ -134,7 +134,7 @@ def _worker_init(_: int) -> None:
 
 def _batch_ranges(chunks: list[int], n_tiles: int, chunk_rows: int, batch: int) -> list[tuple[int, int]]:
     """Batches of ``batch`` tiles aligned to chunk starts (never straddling a chunk)."""
-    out = []
+    out: list[tuple[int, int]] = []
     for c in chunks:
         a, b = c * chunk_rows, min((c + 1) * chunk_rows, n_tiles)
         out.extend((s, min(s + batch, b)) for s in range(a, b, batch))
@@ -152,7 +152,7 @@ class _Runner:
         net = net.to(device).eval()
         if device.type != "mps":
             net = net.to(memory_format=torch.channels_last)
-        self.net: torch.nn.Module = torch.compile(net) if compile else net
+        self.net: Any = torch.compile(net) if compile else net
         # (x / 255 - mean) / std == x * scale + shift, folded into one fused op.
         std = torch.tensor(card.std, dtype=torch.float32, device=device)
         mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
@@ -207,6 +207,12 @@ def check_compatible(card: ModelCard, store: SlideStore, allow_mismatch: bool = 
 
 # --- the engine ----------------------------------------------------------------------------
 
+def _arr(g: zarr.Group, name: str) -> zarr.Array:
+    a = g[name]
+    assert isinstance(a, zarr.Array)
+    return a
+
+
 def _as_loaded(model: LoadedModel | TmeNet | str | os.PathLike[str]) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
@@ -225,12 +231,12 @@ def _prepare_group(
     if name in preds:
         g = preds[name]
         assert isinstance(g, zarr.Group)
-        same = g.attrs.get("params_hash") == phash and "chunk_done" in g \
-            and g["chunk_done"].shape == (n_chunks,)
+        same = g.attrs.get("params_hash") == phash and g.attrs.get("chunk_rows") == chunk_rows \
+            and "chunk_done" in g and _arr(g, "chunk_done").shape == (n_chunks,)
         if same and not overwrite:
             if is_complete(g):
                 return g, True, False
-            return g, False, bool(np.asarray(g["chunk_done"][...]).any())
+            return g, False, bool(np.asarray(_arr(g, "chunk_done")[...]).any())
         if is_complete(g) and not overwrite:
             raise StoreError(
                 f"predictions/{name} were made with other parameters (params_hash "
@@ -271,6 +277,7 @@ def predict_store(
     ``model``: a LoadedModel, a TmeNet, or a name/path for :func:`tmequant.models.load_model`
     (the network is moved to ``device``). ``batch_size`` None: 32 on the CPU, 256 on CUDA
     (halved on out-of-memory). ``num_workers`` None: 1 reader on the CPU, up to 8 on CUDA.
+    ``progress``: True/False, or None to follow the process-wide switch (the CLI's --quiet).
     ``max_chunks`` stops after that many chunks without marking the group complete (for
     tests and for spreading work); a later call resumes. Returns a :class:`PredictResult`.
     """
@@ -323,7 +330,7 @@ def predict_store(
         result.skipped = True
         return result
 
-    done = np.asarray(g["chunk_done"][...]).astype(bool)
+    done = np.asarray(_arr(g, "chunk_done")[...]).astype(bool)
     todo = [int(c) for c in np.flatnonzero(~done)] if n else []
     if max_chunks is not None:
         todo = todo[:max_chunks]
@@ -338,7 +345,7 @@ def predict_store(
     result.n_computed = n_done
     result.tiles_per_s = n_done / dt if dt > 0 and n_done else 0.0
 
-    if bool(np.asarray(g["chunk_done"][...]).all()) or n == 0:
+    if bool(np.asarray(_arr(g, "chunk_done")[...]).all()) or n == 0:
         mark_complete(g, card=card.to_dict(), params_hash=phash)
     return result
 
@@ -350,6 +357,24 @@ def _run_chunks(
 ) -> int:
     if not todo:
         return 0
+    if dev.type != "cuda":
+        return _loop(path, g, loaded, card, dev, todo, n, chunk_rows, bs, num_workers, compile,
+                     progress, result)
+    # Fixed input shapes: let cuDNN pick the fastest kernels (restored afterwards).
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        return _loop(path, g, loaded, card, dev, todo, n, chunk_rows, bs, num_workers, compile,
+                     progress, result)
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+def _loop(
+    path: str, g: zarr.Group, loaded: LoadedModel, card: ModelCard, dev: torch.device,
+    todo: list[int], n: int, chunk_rows: int, bs: int, num_workers: int | None,
+    compile: bool, progress: bool | None, result: PredictResult,
+) -> int:
     runner = _Runner(loaded.model, card, dev, compile)
     if num_workers is None:
         cpus = os.cpu_count() or 1
@@ -363,18 +388,19 @@ def _run_chunks(
     )
     n_todo = sum(b - a for a, b in ranges)
     micro = bs
-    probs_arr, counts_arr, flags = g["tissue_probs"], g.get("cell_counts"), g["chunk_done"]
+    probs_arr, flags = _arr(g, "tissue_probs"), _arr(g, "chunk_done")
+    counts_arr = _arr(g, "cell_counts") if "cell_counts" in g else None
     buf: dict[str, list[torch.Tensor]] = {}
+    pending: tuple[int, dict[str, list[torch.Tensor]]] | None = None
     cur_chunk, n_done = -1, 0
 
-    def flush(chunk: int) -> None:
+    def flush(chunk: int, res: dict[str, list[torch.Tensor]]) -> None:
         a = chunk * chunk_rows
-        probs = torch.cat(buf["tissue_probs"]).cpu().numpy()
+        probs = torch.cat(res["tissue_probs"]).cpu().numpy()
         probs_arr[a:a + len(probs)] = probs.astype(np.float16)
         if counts_arr is not None:
-            counts_arr[a:a + len(probs)] = torch.cat(buf["cell_counts"]).cpu().numpy()
+            counts_arr[a:a + len(probs)] = torch.cat(res["cell_counts"]).cpu().numpy()
         flags[chunk] = 1  # after the rows: a chunk is done only once it is on disk
-        buf.clear()
 
     desc = f"predict {Path(path).name} [{card.name}]"
     with ProgressBar(n_todo, desc, unit="tiles", enabled=progress) as bar:
@@ -382,8 +408,8 @@ def _run_chunks(
             start, stop = int(start), int(stop)
             chunk = start // chunk_rows
             if chunk != cur_chunk:
-                if buf:
-                    flush(cur_chunk)
+                if buf:  # written after the next batch is queued: the GPU never waits on disk
+                    pending, buf = (cur_chunk, buf), {}
                 cur_chunk = chunk
             k = stop - start
             while True:
@@ -399,9 +425,12 @@ def _run_chunks(
             # Keep results on the device until the chunk ends: no per-batch sync.
             for key in outs[0]:
                 buf.setdefault(key, []).append(torch.cat([o[key] for o in outs])[:k])
+            if pending is not None:
+                flush(*pending)
+                pending = None
             n_done += k
             bar.update(k)
         if buf:
-            flush(cur_chunk)
+            flush(cur_chunk, buf)
     result.batch_size = micro
     return n_done

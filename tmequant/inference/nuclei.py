@@ -4,13 +4,20 @@ Method (per batch of tiles, vectorised over the batch):
 
 1. colour deconvolution to the haematoxylin optical density (Ruifrok & Johnston 2001, the
    stain matrix of ``skimage.color.hed_from_rgb``), through per-channel look-up tables;
-2. optional stain normalisation: the haematoxylin density of each tile is rescaled so that
-   its nuclear (99th-percentile) density matches a reference, within bounds;
-3. Gaussian smoothing, a foreground threshold on the density, seeds at local maxima of a
-   nucleus-scale smoothing (a blob detector, close to a LoG at that scale) and a marker
-   watershed that splits touching nuclei;
-4. region properties from moments (area, centroid, axis ratio, mean density) and a
-   lymphocyte rule: small, round and dark.
+2. optional stain normalisation: one factor per slide rescales the haematoxylin density so
+   that its 99th percentile over a sample of tiles matches a reference, within bounds;
+3. Gaussian smoothing and a foreground threshold on the density; seeds at local maxima of a
+   scale-normalised Laplacian-of-Gaussian over nucleus radii (a blob detector); a marker
+   watershed on that response, which splits touching nuclei at their neck; each basin
+   trimmed to its pixels above a fraction of its own peak (the nucleus body whatever the
+   stain intensity);
+4. region properties from moments by ``bincount`` over the whole batch (area, centroid,
+   minor/major axis ratio, mean density) and a lymphocyte rule: small, round and dark.
+
+Measured against the histolytics HGSC nest labels (0.5 um/px assumed, 112 um windows):
+Spearman 0.97 per window, detection precision 0.83 / recall 0.78 within 4 um
+(``scripts/eval_counter_histolytics.py``); 6-11x the tiles/s of efficientnet_lite0
+inference on the same CPU threads (``scripts/bench_counter.py``).
 
 Every size is in um or um^2 and converted with the tiles' MPP, so one parameter set works at
 0.25 and 0.5 um/px. The store group written by :func:`count_store` is ``nuclei`` with
@@ -18,8 +25,10 @@ Every size is in um or um^2 and converted with the tiles' MPP, so one parameter 
 
 What it misses: lymphocytes packed into sheets (lymphoid aggregates, TLS germinal centres)
 merge into blobs that the watershed splits only partly, so counts there are low; pale or
-over-stained slides shift the density thresholds (stain normalisation helps only partly);
-plasma cells, apoptotic bodies and small dark tumour nuclei can pass the lymphocyte rule.
+over-stained slides shift the density thresholds (stain normalisation is a coarse per-slide
+rescale, not a stain-vector estimate); plasma cells, apoptotic bodies, fragments of dark
+spindle (fibroblast) nuclei and small dark tumour nuclei can pass the lymphocyte rule, so
+lymphocyte-poor stroma is over-counted (precision ~0.35 on the histolytics stromal crop).
 """
 
 from __future__ import annotations
@@ -36,11 +45,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import zarr
 from scipy import ndimage as ndi
 
-from tmequant.errors import ParamsError, StoreError
+from tmequant.errors import ParamsError
 from tmequant.progress import ProgressBar
-from tmequant.provenance import package_version, params_hash as _params_hash
+from tmequant.provenance import package_version
+from tmequant.provenance import params_hash as _params_hash
 
 log = logging.getLogger("tmequant")
 
@@ -74,12 +85,12 @@ class NucleusCounterParams:
     seed_h_od: float = 0.5
     min_nucleus_area_um2: float = 8.0
     max_nucleus_area_um2: float = 600.0
-    lymphocyte_min_area_um2: float = 14.0
+    lymphocyte_min_area_um2: float = 16.0
     lymphocyte_max_area_um2: float = 80.0
     lymphocyte_min_roundness: float = 0.5
     lymphocyte_min_h_od: float = 0.85
 
-    def validate(self) -> "NucleusCounterParams":
+    def validate(self) -> NucleusCounterParams:
         """Raise ParamsError for an out-of-range value; return self."""
 
         def bad(name: str, why: str) -> ParamsError:
@@ -125,7 +136,7 @@ class NucleusCounterParams:
         return {"method": METHOD, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NucleusCounterParams":
+    def from_dict(cls, d: dict[str, Any]) -> NucleusCounterParams:
         """Build from a params-file section; unknown keys raise ParamsError."""
         d = {k: v for k, v in d.items() if k != "method"}
         names = {f.name for f in dataclasses.fields(cls)}
@@ -203,7 +214,7 @@ def _blob_response(h: np.ndarray, mpp_um: float, p: NucleusCounterParams) -> np.
     touching nuclei, which a plain Gaussian does not do for flat, evenly stained nuclei.
     """
     r0, r1 = p.seed_min_radius_um, p.seed_max_radius_um
-    n_scales = 1 if r1 <= r0 * 1.05 else 1 + int(math.ceil(math.log(r1 / r0, 1.6)))
+    n_scales = 1 if r1 <= r0 * 1.05 else 1 + math.ceil(math.log(r1 / r0, 1.6))
     out = None
     for r_um in np.geomspace(r0, r1, n_scales):
         s_px = r_um / math.sqrt(2) / mpp_um
@@ -222,7 +233,6 @@ def _detect_batch(
     """Detect and classify nuclei in a (B, H, W, 3) uint8 batch (H OD times ``h_scale``)."""
     from skimage.segmentation import watershed
 
-    b = images.shape[0]
     h = haematoxylin_od(images)
     if h_scale != 1.0:
         h *= np.float32(h_scale)
@@ -231,7 +241,7 @@ def _detect_batch(
     hseed = _blob_response(h, mpp_um, p)
     fg = hs > p.foreground_h_od
     # local maxima within a (2r+1) window; plateaus merge into one marker by labelling
-    r = max(1, int(round(p.seed_min_distance_um / mpp_um)))
+    r = max(1, round(p.seed_min_distance_um / mpp_um))
     peaks = (hseed == ndi.maximum_filter(hseed, size=(1, 2 * r + 1, 2 * r + 1)))
     peaks &= (hseed > 0) & (hs > p.seed_h_od) & fg
     plane = np.zeros((3, 3, 3), bool)
@@ -326,20 +336,32 @@ def count_tiles(
     params: NucleusCounterParams | None = None,
     *,
     sub_batch: int = 16,
+    workers: int = 1,
 ) -> np.ndarray:
     """(B, H, W, 3) uint8 tiles at ``mpp_um`` -> (B, 2) float32 [lymphocyte, other] counts.
 
-    With ``stain_normalize`` the batch is treated as one slide (one stain scale for all).
+    Sub-batches of ``sub_batch`` tiles run on ``workers`` threads (scipy and skimage release
+    the GIL in their filters). With ``stain_normalize`` the batch is treated as one slide
+    (one stain scale for all).
     """
     params = params or NucleusCounterParams()
     images = np.asarray(images)
     _check(images, mpp_um, params)
     scale = stain_scale(images, params)
     out = np.zeros((images.shape[0], 2), np.float32)
-    for i in range(0, images.shape[0], sub_batch):
+
+    def work(i: int) -> None:
         chunk = images[i : i + sub_batch]
-        r = _detect_batch(chunk, float(mpp_um), params, scale)
-        out[i : i + len(chunk)] = _counts(r, len(chunk))
+        out[i : i + len(chunk)] = _counts(_detect_batch(chunk, float(mpp_um), params, scale),
+                                          len(chunk))
+
+    starts = range(0, images.shape[0], sub_batch)
+    if workers > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(work, starts))
+    else:
+        for i in starts:
+            work(i)
     return out
 
 
@@ -364,8 +386,7 @@ class CountResult:
         return self.n_tiles / self.seconds if self.computed and self.seconds > 0 else float("nan")
 
 
-def _cells_frame(r: _Regions, start: int, coords: np.ndarray, scale: float,
-                 mpp_um: float) -> pd.DataFrame:
+def _cells_frame(r: _Regions, start: int, coords: np.ndarray, scale: float) -> pd.DataFrame:
     ti = r.tile + start
     return pd.DataFrame({
         "x": coords[ti, 0] + r.x_px * scale,
@@ -397,8 +418,13 @@ def count_store(
     table: ``x``, ``y`` in level-0 pixels of the slide, ``class``, ``tile_index``,
     ``area_um2``, ``mean_h_od``.
     """
-    from tmequant.tiling.store import SlideStore, clear_complete, is_complete, mark_complete
-    from tmequant.tiling.store import open_group
+    from tmequant.tiling.store import (
+        SlideStore,
+        clear_complete,
+        is_complete,
+        mark_complete,
+        open_group,
+    )
 
     params = (params or NucleusCounterParams()).validate()
     phash = params.params_hash
@@ -410,12 +436,13 @@ def count_store(
         return CountResult(path, n, phash, False, skipped_reason="nucleus counter disabled")
 
     root = open_group(path, "r+")
-    if GROUP in root and not overwrite:
-        grp = root[GROUP]
+    old = root.get(GROUP)
+    if isinstance(old, zarr.Group) and not overwrite:
+        grp = old
         if (is_complete(grp) and grp.attrs.get("params_hash") == phash
                 and (cells_path is None or Path(cells_path).exists())):
             log.info("%s: nuclei already counted (params %s), reusing", path, phash)
-            counts = np.asarray(grp["counts"][...], dtype=np.float32)
+            counts = np.asarray(grp["counts"][...], dtype=np.float32)  # type: ignore[index]
             return CountResult(path, n, phash, False, counts=counts, cells_path=cells_path)
         if is_complete(grp) and grp.attrs.get("params_hash") != phash:
             log.info("%s: nuclei counted with other params (%s), recomputing",
@@ -446,12 +473,12 @@ def count_store(
         for start, regions, b in pool.map(work, range(0, n, chunk_tiles)):
             counts[start : start + b] = _counts(regions, b)
             if cells_path is not None:
-                frames.append(_cells_frame(regions, start, coords, scale, mpp))
+                frames.append(_cells_frame(regions, start, coords, scale))
             bar.update(b)
 
     # write: group recreated without its marker, data, attributes, marker last
-    if GROUP in root:
-        clear_complete(root[GROUP])
+    if isinstance(old, zarr.Group):
+        clear_complete(old)
     grp = root.create_group(GROUP, overwrite=True)
     arr = grp.create_array("counts", shape=(n, 2), dtype="float32",
                            chunks=(max(1, min(n, 65536)), 2))
@@ -460,7 +487,7 @@ def count_store(
     n_cells = None
     if cells_path is not None:
         cells = (pd.concat(frames, ignore_index=True) if frames
-                 else _cells_frame(_empty_regions(), 0, coords, scale, mpp))
+                 else _cells_frame(_empty_regions(), 0, coords, scale))
         Path(cells_path).parent.mkdir(parents=True, exist_ok=True)
         cells.attrs = {}
         cells.to_parquet(cells_path, index=False)

@@ -63,14 +63,14 @@ class ModelCard(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
 
-    schema_version: int = Field(CARD_SCHEMA_VERSION, description="card format version")
+    schema_version: int = Field(default=CARD_SCHEMA_VERSION, description="card format version")
     name: str = Field(description="model name; also the predictions/<name> group in the store")
-    version: str = Field("0.1.0", description="model version")
+    version: str = Field(default="0.1.0", description="model version")
     arch: str = Field(description="timm architecture name, e.g. efficientnet_lite0")
-    tile_px: int = Field(224, gt=0, le=8192, description="input tile side in pixels")
-    mpp_um: float = Field(0.5, gt=0, le=100, description="microns per pixel of the input tiles")
-    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="RGB mean, 0-1 scale")
-    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="RGB std, 0-1 scale")
+    tile_px: int = Field(default=224, gt=0, le=8192, description="input tile side in pixels")
+    mpp_um: float = Field(default=0.5, gt=0, le=100, description="microns per pixel of the input tiles")
+    mean: tuple[float, float, float] = Field(default=(0.485, 0.456, 0.406), description="RGB mean, 0-1 scale")
+    std: tuple[float, float, float] = Field(default=(0.229, 0.224, 0.225), description="RGB std, 0-1 scale")
     tissue_classes: list[str] = Field(min_length=1, description="tissue head classes, in logit order")
     tissue_roles: dict[str, str] = Field(description="tissue class -> role in tmequant.roles.TISSUE_ROLES")
     cell_classes: list[str] = Field(default_factory=list, description="count head classes (may be empty)")
@@ -115,7 +115,7 @@ class ModelCard(BaseModel):
         return _unique_nonblank(v, "cell_classes")
 
     @model_validator(mode="after")
-    def _roles_ok(self) -> "ModelCard":
+    def _roles_ok(self) -> ModelCard:
         _check_role_map(self.tissue_classes, self.tissue_roles, TISSUE_ROLES,
                         "tissue_roles", "tissue_classes")
         if self.cell_roles and not self.cell_classes:
@@ -163,17 +163,18 @@ class ModelCard(BaseModel):
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | os.PathLike[str] | None = None) -> "ModelCard":
+    def from_dict(cls, data: Any, source: str | os.PathLike[str] | None = None) -> ModelCard:
         """Validate a dict; errors become one-line ModelError naming the file and field."""
         if not isinstance(data, dict):
-            raise ModelError("model card must be a JSON object", source)
+            raise ModelError("model card must be a JSON object", None if source is None else str(source))
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ModelError(f"invalid model card: {format_validation_error(e)}", source) from None
+            raise ModelError(f"invalid model card: {format_validation_error(e)}",
+                             None if source is None else str(source)) from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "ModelCard":
+    def load(cls, path: str | os.PathLike[str]) -> ModelCard:
         """Read a card from ``model.json`` (or a folder holding one)."""
         p = Path(path)
         if p.is_dir():

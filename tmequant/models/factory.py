@@ -38,7 +38,7 @@ class TmeNet(nn.Module):
         super().__init__()
         self.card = card  # plain attribute, not part of the state dict
         self.backbone = backbone
-        n_feat = int(getattr(backbone, "num_features"))
+        n_feat = int(backbone.num_features)  # type: ignore[arg-type]
         self.num_features = n_feat
         self.tissue_head = nn.Linear(n_feat, card.n_tissue)
         self.count_head = nn.Linear(n_feat, card.n_cell) if card.has_count_head else None

@@ -164,8 +164,7 @@ def _plain_state_dict(obj: Any, source: Path) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in obj.items():
         for prefix in ("module.", "_orig_mod.", "model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+            k = k.removeprefix(prefix)
         out[k] = v
     return out
 

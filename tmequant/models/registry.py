@@ -38,6 +38,10 @@ class ModelInfo:
 
 def random_card(arch: str, tile_px: int = 224, mpp_um: float = 0.5) -> ModelCard:
     """Card of the untrained ``random-<arch>`` model: one class per role, identity role maps."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise ModelError(f"unknown model {RANDOM_PREFIX}{arch}: {arch!r} is not a timm architecture")
     return ModelCard(
         name=f"{RANDOM_PREFIX}{arch}",
         version="0",

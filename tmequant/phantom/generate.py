@@ -80,7 +80,7 @@ def generate_phantom(spec: PhantomSpec, out_dir: str | os.PathLike[str], params:
     the defaults). Returns a :class:`PhantomTruth`.
     """
     from tmequant.biomarkers import BiomarkerParams
-    from tmequant.provenance import package_version, params_hash, to_jsonable
+    from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
     from tmequant.wsi.write import write_pyramid_tiff
 
     params = params or BiomarkerParams()
@@ -118,6 +118,7 @@ def generate_phantom(spec: PhantomSpec, out_dir: str | os.PathLike[str], params:
         "schema_version": TRUTH_SCHEMA_VERSION,
         "kind": "tmequant-phantom-truth",
         "slide": slide_path.name,
+        "slide_fingerprint": file_fingerprint(slide_path),
         "slide_id": spec.name,
         "level0_width_px": spec.width_px,
         "level0_height_px": spec.height_px,

@@ -170,8 +170,8 @@ def make_layout(spec: PhantomSpec) -> PhantomLayout:
     centers: list[tuple[float, float]] = []
     if spec.n_tls:
         dmin, dmax = spec.tls_distance_um
-        ok = ((dist_out_um >= dmin) & (dist_out_um <= dmax) & (dist_bg_um > r_tls + 100.0)
-              & (dist_fat_um > r_tls + 100.0))
+        ok = ((dist_out_um >= dmin) & (dist_out_um <= dmax) & (dist_bg_um > r_tls + 30.0)
+              & (dist_fat_um > r_tls + 30.0))
         cand = np.flatnonzero(ok)
         rng.shuffle(cand)
         min_sep = 2 * r_tls + 3 * 112.0

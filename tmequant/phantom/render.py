@@ -9,6 +9,7 @@ and the cell table agree.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -53,7 +54,10 @@ def _periodic_noise(rng: np.random.Generator, n: int, sigma_px: tuple[float, flo
     """(n, n) float32 periodic Gaussian noise, unit std, smoothed by ``sigma_px`` (y, x) via FFT."""
     from scipy import fft
 
-    sy, sx = (sigma_px, sigma_px) if np.isscalar(sigma_px) else sigma_px
+    if isinstance(sigma_px, tuple):
+        sy, sx = sigma_px
+    else:
+        sy = sx = float(sigma_px)
     spec = fft.rfft2(rng.standard_normal((n, n)).astype(np.float32), workers=2)
     ky = fft.fftfreq(n)[:, None].astype(np.float32)
     kx = fft.rfftfreq(n)[None, :].astype(np.float32)
@@ -64,10 +68,17 @@ def _periodic_noise(rng: np.random.Generator, n: int, sigma_px: tuple[float, flo
     return f
 
 
+@functools.lru_cache(maxsize=2)
+def _textures(mpp_um: float) -> _Textures:
+    """Texture tiles of one pixel size, shared by every phantom (the seed varies the layout
+    and the cells; stain textures need not vary, and caching saves ~2 s per phantom)."""
+    return _Textures(mpp_um, np.random.default_rng(20240607))
+
+
 class _Textures:
     """Periodic (``_TEX_PX`` square) texture tiles at the slide's pixel size."""
 
-    def __init__(self, mpp_um: float, rng: np.random.Generator, need_fat: bool):
+    def __init__(self, mpp_um: float, rng: np.random.Generator):
         n = _TEX_PX
         um = 1.0 / mpp_um  # px per um
         self.fine = _periodic_noise(rng, n, 0.8 * um)
@@ -83,15 +94,15 @@ class _Textures:
         bundles = _periodic_noise(rng, n, 12.0 * um)
         self.fibre = (np.tanh(1.2 * warped) * 0.6 + 0.5 * bundles).astype(np.float32)
         self.fibre_angle = np.arctan(-np.gradient(disp_y, axis=1)).astype(np.float32)
-        self.fat = np.zeros((n, n), np.float32)
-        if need_fat:
-            self.fat = _fat_rims(rng, n, mpp_um)
+        self.fat = _fat_rims(rng, n, mpp_um)
+        for a in (self.fine, self.mid, self.fibre, self.fibre_angle, self.fat):
+            a.flags.writeable = False  # shared between renderers
 
 
 def _fat_rims(rng: np.random.Generator, n: int, mpp_um: float) -> np.ndarray:
     """Periodic Voronoi cell borders (adipocyte rims, cells ~70 um) in [0, 1]."""
     step_um = 2.0
-    m = max(8, int(round(n * mpp_um / step_um)))
+    m = max(8, round(n * mpp_um / step_um))
     n_cells = max(4, int((n * mpp_um / 70.0) ** 2))
     seeds = rng.random((n_cells, 2)) * m
     tree = cKDTree(seeds, boxsize=m)
@@ -112,7 +123,7 @@ def _templates(kind: int, mpp_um: float, rng: np.random.Generator, n_var: int = 
     """
     um = 1.0 / mpp_um
     half_um = {KIND_LYMPH: 4.6, KIND_TUMOR: 8.5, KIND_FIBRO: 10.0, KIND_FRAGMENT: 2.6}[kind]
-    t = int(math.ceil(half_um * um)) * 2 + 1
+    t = math.ceil(half_um * um) * 2 + 1
     c = (t - 1) / 2
     yy, xx = (np.mgrid[0:t, 0:t].astype(np.float32) - c) / um  # um from the centre
     out = np.zeros((n_var, t, t), np.float32)
@@ -172,7 +183,7 @@ class PhantomRenderer:
         self.spec = spec
         self.shape = (spec.height_px, spec.width_px)
         rng = np.random.default_rng([spec.seed, 11])
-        self.tex = _Textures(spec.mpp_um, rng, need_fat=bool((layout.labels == ADI).any()))
+        self.tex = _textures(spec.mpp_um)
         self.lut = _lut()
         stain = np.array([_CLASS_STAIN[k] for k in range(len(_CLASS_STAIN))], np.float32)
         self.stain = stain.T.copy()  # (6 params, n_classes)
@@ -211,17 +222,19 @@ class PhantomRenderer:
 
     # -- public -----------------------------------------------------------------------
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """RGB uint8 (h, w, 3) of the level-0 region at (x0, y0)."""
+        """RGB uint8 (h, w, 3) of the level-0 region at (x0, y0); outside the slide is glass."""
         H, W = self.shape
         out = np.empty((h, w, 3), np.uint8)
-        y = y0
-        while y < y0 + h:
+        out[...] = self.lut[0]
+        xa, xb = max(x0, 0), min(x0 + w, W)
+        y = max(y0, 0)
+        while y < min(y0 + h, H) and xa < xb:
             b0 = (y // self.band_px) * self.band_px
             if self._band is None or self._band[0] != b0:
                 self._band = (b0, self.render_band(b0, min(self.band_px, H - b0)))
             band = self._band[1]
             y1 = min(y0 + h, b0 + band.shape[0])
-            out[y - y0 : y1 - y0] = band[y - b0 : y1 - b0, x0 : x0 + w]
+            out[y - y0 : y1 - y0, xa - x0 : xb - x0] = band[y - b0 : y1 - b0, xa:xb]
             y = y1
         return out
 

@@ -100,12 +100,12 @@ class PhantomSpec:
     @property
     def label_downsample(self) -> int:
         """Level-0 pixels per label-map pixel."""
-        return int(round(self.label_um / self.mpp_um))
+        return round(self.label_um / self.mpp_um)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **kw: Any) -> "PhantomSpec":
+    def replace(self, **kw: Any) -> PhantomSpec:
         return dataclasses.replace(self, **kw)
 
 
@@ -113,12 +113,12 @@ class PhantomSpec:
 #: thresholds (inflamed: intratumoural >= 130; excluded: stromal >= 260), because tiles that
 #: straddle a nest border mix the two compartments' densities.
 _SCENARIOS: dict[str, dict[str, Any]] = {
-    "inflamed": dict(lymph_nest_per_mm2=450.0, lymph_stroma_per_mm2=700.0,
-                     lymph_outer_stroma_per_mm2=250.0, n_tls=3),
-    "excluded": dict(lymph_nest_per_mm2=15.0, lymph_stroma_per_mm2=600.0,
-                     lymph_outer_stroma_per_mm2=300.0, n_tls=2),
-    "desert": dict(lymph_nest_per_mm2=10.0, lymph_stroma_per_mm2=40.0,
-                   lymph_outer_stroma_per_mm2=30.0, n_tls=0),
+    "inflamed": {"lymph_nest_per_mm2": 450.0, "lymph_stroma_per_mm2": 700.0,
+                     "lymph_outer_stroma_per_mm2": 250.0, "n_tls": 3},
+    "excluded": {"lymph_nest_per_mm2": 15.0, "lymph_stroma_per_mm2": 600.0,
+                     "lymph_outer_stroma_per_mm2": 300.0, "n_tls": 2},
+    "desert": {"lymph_nest_per_mm2": 10.0, "lymph_stroma_per_mm2": 40.0,
+                   "lymph_outer_stroma_per_mm2": 30.0, "n_tls": 0},
 }
 
 
@@ -134,13 +134,26 @@ def scenario_spec(name: str, seed: int = 0, width_px: int | None = None,
         raise ValueError(f"unknown scenario {name!r}; choose one of {tuple(_SCENARIOS)}")
     w = int(width_px if width_px is not None else round(6000 / mpp_um))
     h = int(height_px if height_px is not None else round(5000 / mpp_um))
-    kw: dict[str, Any] = dict(name=f"phantom-{name}-s{seed}", width_px=w, height_px=h, mpp_um=mpp_um,
-                              seed=seed, scenario=name,
-                              tumor_radii_um=(0.283 * w * mpp_um, 0.28 * h * mpp_um))
+    kw: dict[str, Any] = {"name": f"phantom-{name}-s{seed}", "width_px": w, "height_px": h, "mpp_um": mpp_um,
+                              "seed": seed, "scenario": name,
+                              "tumor_radii_um": (0.283 * w * mpp_um, 0.28 * h * mpp_um)}
     kw.update(_SCENARIOS[name])
     kw.update(overrides)
     return PhantomSpec(**kw)
 
 
-__all__ = ["PhantomSpec", "scenario_spec", "TISSUE_CLASSES", "CLASS_NAMES", "CLASS_ROLES",
-           "CELL_CLASSES", "SCENARIOS", "BACK", "TUM", "STR", "LYM", "NEC", "ADI"]
+__all__ = [
+    "ADI",
+    "BACK",
+    "CELL_CLASSES",
+    "CLASS_NAMES",
+    "CLASS_ROLES",
+    "LYM",
+    "NEC",
+    "SCENARIOS",
+    "STR",
+    "TISSUE_CLASSES",
+    "TUM",
+    "PhantomSpec",
+    "scenario_spec",
+]

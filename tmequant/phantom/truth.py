@@ -25,10 +25,10 @@ def class_fractions(layout: PhantomLayout, tile_um: float = DEFAULT_TILE_UM) -> 
     k = tile_um / layout.spec.label_um
     if abs(k - round(k)) > 1e-9:
         raise ValueError(f"tile_um={tile_um} is not a multiple of label_um={layout.spec.label_um}")
-    k = int(round(k))
+    k = round(k)
     t0 = tile_um / layout.spec.mpp_um
-    n_rows = int(math.floor(layout.spec.height_px / t0 + 1e-6))
-    n_cols = int(math.floor(layout.spec.width_px / t0 + 1e-6))
+    n_rows = math.floor(layout.spec.height_px / t0 + 1e-6)
+    n_cols = math.floor(layout.spec.width_px / t0 + 1e-6)
     lab = layout.labels[: n_rows * k, : n_cols * k]
     if lab.shape != (n_rows * k, n_cols * k):  # label map short by rounding: pad with background
         pad = np.full((n_rows * k, n_cols * k), BACK, np.uint8)

@@ -19,9 +19,10 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.colors import to_rgb
@@ -56,9 +57,6 @@ _FIG_MAX_IN = 7.5  # longest side of the image area, inches
 _DPI = 120
 _NICE_MM = (0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0, 20.0, 25.0, 50.0)
 
-PngResult = "bytes | Path"
-
-
 @dataclass(frozen=True)
 class SlideGeometry:
     """How the tile grid and the thumbnail relate to level 0.
@@ -82,7 +80,7 @@ class SlideGeometry:
         return self.tile_level0_px / self.thumb_downsample
 
     @classmethod
-    def from_store(cls, store: Any) -> "SlideGeometry":
+    def from_store(cls, store: Any) -> SlideGeometry:
         """From a :class:`tmequant.tiling.store.SlideStore`."""
         return cls(
             thumb_downsample=store.mask_downsample,
@@ -137,7 +135,8 @@ def class_colors(class_names: Sequence[str], class_roles: Mapping[str, str]) -> 
             # Alternate darker/lighter shades of the role colour for the 2nd, 3rd... class.
             t = 0.0 if j == 0 else (0.35 * ((j + 1) // 2) / max(1, (len(idx) + 1) // 2))
             shade = base * (1 - t) if j % 2 else base + (1 - base) * t
-            colors[i] = "#%02x%02x%02x" % tuple(int(round(255 * v)) for v in np.clip(shade, 0, 1))
+            r, g, b = (round(255 * float(v)) for v in np.clip(shade, 0, 1))
+            colors[i] = f"#{r:02x}{g:02x}{b:02x}"
     return colors
 
 
@@ -149,6 +148,42 @@ def _as_rgb_uint8(thumbnail: np.ndarray) -> np.ndarray:
     if t.ndim != 3 or t.shape[2] not in (3, 4):
         raise ValueError(f"thumbnail must be (h, w, 3) RGB, got shape {t.shape}")
     return np.ascontiguousarray(t[..., :3]).astype(np.uint8, copy=False)
+
+
+MAX_DRAW_PX = 1600  # the picture is ~900 px wide: drawing more thumbnail pixels only costs time
+
+
+def _reduce(thumbnail: np.ndarray, geom: SlideGeometry,
+            max_px: int = MAX_DRAW_PX) -> tuple[np.ndarray, SlideGeometry, int]:
+    """Block-average a large thumbnail to at most ``max_px`` on its long side.
+
+    Returns the thumbnail, the geometry with the downsample scaled to match, and the factor.
+    """
+    k = math.ceil(max(thumbnail.shape[:2]) / max_px)
+    if k <= 1:
+        return thumbnail, geom, 1
+    small = np.clip(_block_mean(thumbnail, k, 255.0) + 0.5, 0, 255).astype(np.uint8)
+    g = SlideGeometry(geom.thumb_downsample * k, geom.slide_mpp_um, geom.tile_level0_px)
+    return small, g, k
+
+
+def _reduce_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask brought to at most ``shape`` by block majority (never upsampled)."""
+    k = math.ceil(max(mask.shape[0] / shape[0], mask.shape[1] / shape[1]))
+    if k <= 1:
+        return mask
+    return _block_mean(mask, k, 0.0) >= 0.5
+
+
+def _block_mean(a: np.ndarray, k: int, pad_value: float) -> np.ndarray:
+    """Mean over k x k blocks of a (h, w[, c]) array, padding the edges with ``pad_value``."""
+    h, w = a.shape[:2]
+    H, W = -(-h // k) * k, -(-w // k) * k
+    if (H, W) != (h, w):
+        pad = [(0, H - h), (0, W - w)] + [(0, 0)] * (a.ndim - 2)
+        a = np.pad(a, pad, constant_values=pad_value)
+    b = a.reshape(H // k, k, W // k, k, *a.shape[2:])
+    return b.mean(axis=(1, 3), dtype=np.float32)
 
 
 def _faded_gray(thumbnail: np.ndarray, strength: float = 0.55) -> np.ndarray:
@@ -259,10 +294,20 @@ def _outline_segments(mask: np.ndarray, upsample: int = 1) -> list[np.ndarray]:
     return out
 
 
-def _draw_outline(ax: Any, segments: list[np.ndarray], scale: float, offset_xy=(0.0, 0.0),
-                  **kw: Any) -> None:
-    for seg in segments:
-        ax.plot(seg[:, 0] * scale + offset_xy[0], seg[:, 1] * scale + offset_xy[1], **kw)
+def _draw_outline(ax: Any, segments: list[np.ndarray], scale: float | tuple[float, float],
+                  offset_xy: tuple[float, float] = (0.0, 0.0), **kw: Any) -> None:
+    """Draw contours as one LineCollection (thousands of specks stay fast)."""
+    from matplotlib.collections import LineCollection
+
+    if not segments:
+        return
+    sx, sy = (scale, scale) if np.isscalar(scale) else scale  # type: ignore[misc]
+    lines = [np.column_stack([seg[:, 0] * sx + offset_xy[0], seg[:, 1] * sy + offset_xy[1]])
+             for seg in segments]
+    ls = kw.pop("ls", kw.pop("linestyle", "-"))
+    lw = kw.pop("lw", kw.pop("linewidth", 1.5))
+    ax.add_collection(LineCollection(lines, colors=kw.pop("color", "black"), linestyles=ls,
+                                     linewidths=lw, **kw))
 
 
 def _grid_upsample(shape: tuple[int, ...]) -> int:
@@ -299,17 +344,18 @@ def plot_thumbnail(
 
     The mask may have another resolution than the thumbnail; it is stretched onto it.
     """
-    thumb = _as_rgb_uint8(thumbnail)
+    thumb, geom, _ = _reduce(_as_rgb_uint8(thumbnail), geom)
     h, w = thumb.shape[:2]
     fig, ax = _new_figure(h, w, extra_w_in=1.8)
     _show_image(ax, thumb)
     handles: list[Any] = []
     if tissue_mask is not None:
         m = np.asarray(tissue_mask, dtype=bool)
+        area_px = float(m.sum()) * (h / m.shape[0]) * (w / m.shape[1])  # before any reduction
+        m = _reduce_mask(m, (h, w))
         sy, sx = h / m.shape[0], w / m.shape[1]
-        for seg in _outline_segments(m):
-            ax.plot(seg[:, 0] * sx, seg[:, 1] * sy, color=TISSUE_OUTLINE_COLOR, lw=1.2)
-        area_mm2 = m.sum() * (sx * sy) * (geom.thumb_um_per_px**2) / 1e6
+        _draw_outline(ax, _outline_segments(m), (sx, sy), color=TISSUE_OUTLINE_COLOR, lw=1.2)
+        area_mm2 = area_px * geom.thumb_um_per_px**2 / 1e6
         handles.append(Line2D([], [], color=TISSUE_OUTLINE_COLOR, lw=1.5,
                               label=f"tissue mask ({area_mm2:.1f} mm²)"))
     _scale_bar(ax, w, h, geom.thumb_um_per_px)
@@ -336,9 +382,10 @@ def plot_tissue_classes(
     grid_rc: (N, 2) row, col; tissue_probs: (N, K) probabilities over ``class_names`` (K);
     class_roles: class name -> role (docs/biomarkers.md), which picks the colours.
     """
-    thumb = _as_rgb_uint8(thumbnail)
+    thumb, geom, _ = _reduce(_as_rgb_uint8(thumbnail), geom)
     h, w = thumb.shape[:2]
-    probs = np.asarray(tissue_probs, dtype=np.float32).reshape(len(grid_rc), -1)
+    probs = np.asarray(tissue_probs, dtype=np.float32)
+    probs = probs.reshape(len(grid_rc), probs.shape[-1] if probs.ndim == 2 else -1)
     if probs.shape[1] != len(class_names):
         raise ValueError(f"{probs.shape[1]} probability columns for {len(class_names)} classes")
     colors = class_colors(class_names, class_roles)
@@ -366,7 +413,7 @@ def plot_tissue_classes(
 def _grid_shape(h: int, w: int, geom: SlideGeometry, grid_rc: np.ndarray) -> tuple[int, int]:
     """Grid raster shape covering the thumbnail and every tile."""
     t = geom.tile_thumb_px
-    R, C = int(math.ceil(h / t)), int(math.ceil(w / t))
+    R, C = math.ceil(h / t), math.ceil(w / t)
     g = np.asarray(grid_rc).reshape(-1, 2)
     if len(g):
         R, C = max(R, int(g[:, 0].max()) + 1), max(C, int(g[:, 1].max()) + 1)
@@ -393,7 +440,7 @@ def plot_lymphocyte_density(
     make the pictures comparable (default: the slide's 99th percentile, at least 100).
     bulk_mask: optional (R, C) bool tumour bulk on the grid at ``origin_rc``, outlined.
     """
-    thumb = _as_rgb_uint8(thumbnail)
+    thumb, geom, _ = _reduce(_as_rgb_uint8(thumbnail), geom)
     h, w = thumb.shape[:2]
     dens = np.asarray(density_per_mm2, dtype=np.float64).reshape(-1)
     finite = dens[np.isfinite(dens)]
@@ -456,7 +503,7 @@ def plot_compartments(
     areas_mm2: optional name -> tissue area shown in the legend (pass the cohort row's
     ``<name>_area_mm2`` so the picture and the table agree).
     """
-    thumb = _as_rgb_uint8(thumbnail)
+    thumb, geom, _ = _reduce(_as_rgb_uint8(thumbnail), geom)
     h, w = thumb.shape[:2]
     t = geom.tile_thumb_px
     off = (origin_rc[1] * t, origin_rc[0] * t)
@@ -485,13 +532,22 @@ def plot_compartments(
     n_tls = 0
     if tls_labels is not None:
         lab = np.asarray(tls_labels)
-        ids = [int(k) for k in np.unique(lab) if k > 0]
+        from scipy import ndimage as ndi
+
         up = _grid_upsample(lab.shape)
-        for k in ids:
-            _draw_outline(ax, _outline_segments(lab == k, up), t, off, color=TLS_COLOR, lw=1.6)
-            rr, cc = np.nonzero(lab == k)
-            ax.text(off[0] + (cc.max() + 1.2) * t, off[1] + rr.min() * t, str(k), color=TLS_COLOR,
+        segs: list[np.ndarray] = []
+        ids = []
+        # contour each TLS inside its own bounding box: cheap however many there are
+        for k, sl in enumerate(ndi.find_objects(np.clip(lab, 0, None).astype(np.int64)), start=1):
+            if sl is None:
+                continue
+            ids.append(k)
+            r0, c0 = sl[0].start, sl[1].start
+            for seg in _outline_segments(lab[sl] == k, up):
+                segs.append(seg + np.array([c0, r0], dtype=seg.dtype))
+            ax.text(off[0] + (sl[1].stop + 0.2) * t, off[1] + r0 * t, str(k), color=TLS_COLOR,
                     fontsize=8, fontweight="bold", va="top")
+        _draw_outline(ax, segs, t, off, color=TLS_COLOR, lw=1.6)
         n_tls = len(ids)
     elif tls_centroids_xy_level0 is not None and len(tls_centroids_xy_level0):
         from matplotlib.patches import Circle

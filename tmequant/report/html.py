@@ -17,14 +17,30 @@ import hashlib
 import html
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from tmequant.provenance import canonical_json, package_version
-from tmequant.report.tables import cohort_frame, column_kind
+from tmequant.report.tables import cohort_frame, column_kind, flatten_row
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# What a pathologist reads first; the cohort table shows these (when present) before the rest.
+KEY_COLUMNS: tuple[str, ...] = (
+    "immune_phenotype",
+    "til_density_intratumoral_per_mm2",
+    "til_density_stromal_per_mm2",
+    "stil_score_pct",
+    "exclusion_ratio_stroma_to_tumor",
+    "exclusion_ratio_margin_to_core",
+    "tls_count",
+    "tls_per_mm2",
+    "tumor_stroma_ratio",
+    "bulk_area_mm2",
+    "tissue_area_mm2",
+)
 
 
 @dataclass
@@ -120,6 +136,8 @@ table{border-collapse:collapse;font-size:12.5px}
 th,td{border:1px solid var(--line);padding:4px 8px;text-align:right;white-space:nowrap;vertical-align:top}
 th{background:var(--head);position:sticky;top:0}
 td.text,th.text{text-align:left}
+#cohort-table td:first-child,#cohort-table th:first-child{position:sticky;left:0;background:#fff;z-index:1}
+#cohort-table th:first-child{background:var(--head);z-index:2}
 table.sortable th button{all:unset;cursor:pointer;font-weight:600}
 table.sortable th button::after{content:" \\2195";color:#aaa}
 table.sortable th[aria-sort=ascending] button::after{content:" \\2191";color:var(--accent)}
@@ -221,26 +239,54 @@ def _failure_fields(f: Any) -> tuple[str, str, str]:
             str(getattr(f, "reason", "")))
 
 
+def _failures_html(failures: Sequence[tuple[str, str, str]]) -> str:
+    out = ['<section id="failures"><h2>Failures</h2>']
+    if failures:
+        out.append('<table class="failures sortable" id="failures-table"><thead><tr>')
+        out += [f'<th class="text" scope="col"><button type="button">{h}</button></th>'
+                for h in ("slide", "stage", "reason")]
+        out.append("</tr></thead><tbody>")
+        out += [f"<tr>{_cell(sid, True)}{_cell(stage, True)}{_cell(reason, True)}</tr>"
+                for sid, stage, reason in failures]
+        out.append("</tbody></table>")
+    else:
+        out.append('<p class="ok">No slide failed.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
 def render_html_report(
     slides: Sequence[SlideSection],
-    failures: Iterable[Any] = (),
+    failures: Iterable[Any] | None = (),
     *,
     title: str = "tmequant cohort report",
     table_columns: Sequence[str] | None = None,
     generated_at: str | None = None,
+    slide_links: Mapping[str, str] | None = None,
+    back_link: str | None = None,
 ) -> str:
     """The report as one HTML string.
 
-    failures: :class:`tmequant.batch.Failure` objects or dicts with slide_id/stage/reason.
-    table_columns: biomarker columns of the cohort table (default: every biomarker column).
+    failures: :class:`tmequant.batch.Failure` objects or dicts with slide_id/stage/reason
+    (None: no failures section, as on a per-slide page).
+    table_columns: biomarker columns of the cohort table (default: every biomarker column,
+    :data:`KEY_COLUMNS` first).
     generated_at: a timestamp to print (left out when None, so reruns give identical files).
+    slide_links: slide id -> relative href of the slide's own page. Given, the table links
+    there and the slides get no section here (a large cohort: one light page per slide).
+    back_link: relative href shown as "back to the cohort" (on a per-slide page).
     """
-    failures = [_failure_fields(f) for f in failures]
+    show_failures = failures is not None
+    failures = [_failure_fields(f) for f in failures or ()]
     rows = [{**s.row, "slide_id": s.slide_id} for s in slides]
     df = cohort_frame(rows) if rows else None
     if table_columns is None:
-        table_columns = [c for c in (df.columns if df is not None else []) if column_kind(c) == "biomarker"]
-    anchors = {s.slide_id: f"slide-{i}" for i, s in enumerate(sorted(slides, key=lambda s: str(s.slide_id)))}
+        bio = [str(c) for c in (df.columns if df is not None else []) if column_kind(str(c)) == "biomarker"]
+        table_columns = [c for c in KEY_COLUMNS if c in bio] + [c for c in bio if c not in KEY_COLUMNS]
+    ordered = sorted(slides, key=lambda s: str(s.slide_id))
+    hrefs = {s.slide_id: f"#slide-{i}" for i, s in enumerate(ordered)}
+    if slide_links is not None:
+        hrefs.update({str(k): v for k, v in slide_links.items()})
 
     out: list[str] = []
     w = out.append
@@ -249,10 +295,14 @@ def render_html_report(
     w('<meta name="viewport" content="width=device-width, initial-scale=1">')
     w(f"<title>{_e(title)}</title><style>{_CSS}</style></head>")
     w('<body data-ready="0">')
-    meta = f"{len(slides)} slide(s) analysed, {len(failures)} failed · tmequant {_e(package_version())}"
+    meta = f"{len(slides)} slide(s) analysed"
+    if show_failures:
+        meta += f", {len(failures)} failed"
+    meta += f" · tmequant {_e(package_version())}"
     if generated_at:
         meta += f" · {_e(generated_at)}"
-    w(f'<header><h1>{_e(title)}</h1><div class="meta">{meta}</div></header>')
+    back = f' · <a href="{_e(back_link)}">back to the cohort</a>' if back_link else ""
+    w(f'<header><h1>{_e(title)}</h1><div class="meta">{meta}{back}</div></header>')
 
     # cohort table
     w('<section id="cohort"><h2>Cohort</h2>')
@@ -265,8 +315,8 @@ def render_html_report(
             w(f'<th scope="col"><button type="button">{_e(c)}</button></th>')
         w("</tr></thead><tbody>")
         for rec in df.to_dict("records"):
-            sid = rec["slide_id"]
-            w(f'<tr><td class="text" data-v="{_e(sid)}"><a href="#{anchors[sid]}">{_e(sid)}</a></td>')
+            sid = str(rec["slide_id"])
+            w(f'<tr><td class="text" data-v="{_e(sid)}"><a href="{_e(hrefs[sid])}">{_e(sid)}</a></td>')
             w("".join(_cell(_py(rec.get(c))) for c in table_columns))
             w("</tr>")
         w("</tbody></table></div>")
@@ -274,29 +324,20 @@ def render_html_report(
         w('<p class="meta">No slide finished.</p>')
     w("</section>")
 
-    # failures
-    w('<section id="failures"><h2>Failures</h2>')
-    if failures:
-        w('<table class="failures sortable" id="failures-table"><thead><tr>')
-        for h in ("slide", "stage", "reason"):
-            w(f'<th class="text" scope="col"><button type="button">{h}</button></th>')
-        w("</tr></thead><tbody>")
-        for sid, stage, reason in failures:
-            w(f"<tr>{_cell(sid, True)}{_cell(stage, True)}{_cell(reason, True)}</tr>")
-        w("</tbody></table>")
-    else:
-        w('<p class="ok">No slide failed.</p>')
-    w("</section>")
+    if show_failures:
+        w(_failures_html(failures))
 
     # per-slide sections
-    for s in sorted(slides, key=lambda s: str(s.slide_id)):
-        flat = cohort_frame([{**s.row, "slide_id": s.slide_id}]).to_dict("records")[0]
+    for s in ordered:
+        if not hrefs[s.slide_id].startswith("#"):
+            continue  # it has its own page
+        flat = flatten_row({**s.row, "slide_id": s.slide_id})
         params = dict(s.params) if s.params is not None else {
             k[len("param_"):]: _py(v) for k, v in flat.items() if column_kind(k) == "parameter"}
         prov = dict(s.provenance) if s.provenance is not None else {
             k: _py(v) for k, v in flat.items() if column_kind(k) == "provenance"}
         biom = {k: _py(v) for k, v in flat.items() if column_kind(k) == "biomarker"}
-        w(f'<section class="slide" id="{anchors[s.slide_id]}"><h2>{_e(s.slide_id)}</h2>')
+        w(f'<section class="slide" id="{hrefs[s.slide_id][1:]}"><h2>{_e(s.slide_id)}</h2>')
         for note in s.notes:
             w(f'<div class="note">{_e(note)}</div>')
         if s.figures:
@@ -337,7 +378,7 @@ def _py(v: Any) -> Any:
 def write_html_report(
     path: str | os.PathLike[str],
     slides: Sequence[SlideSection],
-    failures: Iterable[Any] = (),
+    failures: Iterable[Any] | None = (),
     **kw: Any,
 ) -> Path:
     """Write :func:`render_html_report` to ``path`` (atomically) and return the path."""

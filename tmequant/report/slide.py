@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def slide_figures(
     roles = dict(card.get("tissue_roles") or {})
     probs = np.asarray(grp["tissue_probs"][...], dtype=np.float32)
     comp = result.compartments
-    origin = tuple(int(v) for v in comp.origin)
+    origin = (int(comp.origin[0]), int(comp.origin[1]))
     row = getattr(result, "row", {}) or {}
 
     def dest(stem: str) -> Path | None:

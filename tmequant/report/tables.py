@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -75,7 +76,7 @@ def flatten_row(row: Mapping[str, Any], param_keys: Iterable[str] = ("params", "
 def _scalar(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
-    if isinstance(v, np.ndarray) or isinstance(v, (list, tuple)):
+    if isinstance(v, (np.ndarray, list, tuple)):
         return canonical_json(v)
     if isinstance(v, Path):
         return str(v)

@@ -48,7 +48,7 @@ class TilingParams:
     tile_px: int = 224
     min_tissue_fraction: float = 0.25
     tissue: TissueParams = field(default_factory=TissueParams)
-    compression: str = "zstd"  # tiles/images codec, see COMPRESSIONS (lossless)
+    compression: str = "blosc-lz4"  # tiles/images codec, lossless; chosen by scripts/bench_tiling.py
     tiles_per_chunk: int = 4
     tiles_per_shard: int = 128
     block_tiles: int = 4  # regions of block_tiles x block_tiles tiles are read at once

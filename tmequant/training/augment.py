@@ -64,7 +64,7 @@ def scale_jitter(rgb: np.ndarray, factor: float) -> np.ndarray:
         rgb = np.pad(rgb, ((py, py), (px, px), (0, 0)), mode="reflect")
     y0, x0 = (rgb.shape[0] - ch) // 2, (rgb.shape[1] - cw) // 2
     crop = np.ascontiguousarray(rgb[y0 : y0 + ch, x0 : x0 + cw])
-    return np.asarray(Image.fromarray(crop).resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(crop).resize((w, h), Image.Resampling.BILINEAR))
 
 
 def augment(rgb: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,

@@ -52,7 +52,10 @@ def read_image(path: str | Path) -> np.ndarray:
 def _resize(rgb: np.ndarray, px: int) -> np.ndarray:
     if rgb.shape[0] == px and rgb.shape[1] == px:
         return rgb
-    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((px, px), Image.BILINEAR))
+    # area filter when shrinking (as tmequant.tiling reads slides), bicubic when enlarging
+    down = rgb.shape[0] >= px and rgb.shape[1] >= px
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(
+        (px, px), Image.Resampling.BOX if down else Image.Resampling.BICUBIC))
 
 
 def fit_tile(rgb: np.ndarray, tile_px: int, rng: np.random.Generator | None) -> np.ndarray:

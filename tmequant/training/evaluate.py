@@ -149,6 +149,8 @@ def evaluate(data: str | Path | LabelSet, model: Any, batch_size: int = 64,
             raise InputError("--split needs the model folder's split.csv", sc)
         sp = read_split_csv(sc, labels)
         labels = labels.subset([i for i, s in enumerate(sp) if s == split])
+        if not len(labels):
+            raise InputError(f"split {split!r} of this model holds no tiles of the data", sc)
     macenko = MacenkoNormalizer(read_image(macenko_target)) if macenko_target else None
     probs, counts = predict_labels(lm.model, card, labels, batch_size, dev, macenko, progress)
     metrics = metrics_from_predictions(labels, card, probs, counts)

@@ -18,9 +18,10 @@ import io
 import logging
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -140,7 +141,7 @@ class LabelSet:
     def has_counts(self) -> bool:
         return any(s.counts is not None for s in self.samples)
 
-    def subset(self, idx: Iterable[int]) -> "LabelSet":
+    def subset(self, idx: Iterable[int]) -> LabelSet:
         return replace(self, samples=[self.samples[i] for i in idx])
 
     def label_counts(self) -> dict[str, int]:
@@ -152,7 +153,7 @@ class LabelSet:
 
     def with_classes(
         self, tissue_classes: Sequence[str], cell_classes: Sequence[str] = (), what: str = "model"
-    ) -> "LabelSet":
+    ) -> LabelSet:
         """Re-express the labels in another class vocabulary (a model's), by name.
 
         Raises InputError naming the labels the vocabulary does not know. Count columns
@@ -390,6 +391,7 @@ def _slide_geometry(path: str, mpp_override_um: float | None) -> tuple[float, fl
 
     with open_slide(path, mpp_override_um=mpp_override_um) as slide:
         w, h = slide.info.dimensions
+        assert slide.info.mpp_um is not None  # open_slide requires an MPP by default
         return float(w), float(h), float(slide.info.mpp_um)
 
 
@@ -443,8 +445,9 @@ def read_slide_annotations(
       polygon, classified or not; the points' convex hull when there are none), since a
       tile reaching outside it may hold cells nobody annotated.
     """
-    from tmequant.qupath import read_features
     import shapely
+
+    from tmequant.qupath import read_features
 
     per_slide = []
     all_labels: list[str] = []
@@ -582,7 +585,7 @@ def load_labels(
     p = Path(data)
     if not p.exists():
         raise InputError("no such file or folder", p)
-    slide_kw = dict(tile_px=tile_px, mpp_um=mpp_um, classes=classes, cell_classes=cell_classes,
+    slide_kw: dict[str, Any] = dict(tile_px=tile_px, mpp_um=mpp_um, classes=classes, cell_classes=cell_classes,
                     roles=roles, cell_roles=cell_roles, allow_empty_classes=allow_empty_classes)
     if p.is_dir():
         if any(d.is_dir() and not d.name.startswith(".") for d in p.iterdir()):

@@ -55,16 +55,18 @@ def split_labels(
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise InputError(f"val_fraction {val_fraction} + test_fraction {test_fraction} must be "
                          "in [0, 1) each and sum below 1")
-    n = len(labels.samples)
     given = [s.split for s in labels.samples]
     level, groups = group_key(labels)
+    if level == "file" and (val_fraction or test_fraction) and len(groups) > 1:
+        log.warning("no patient or slide ids: splitting by file, so tiles of one patient may "
+                    "land in two splits (give patient_id in a CSV manifest to prevent it)")
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
     out: list[str | None] = list(given)
     # A group with a user-given split anywhere takes that split for all its tiles.
     for g, idx in members.items():
-        gs = {given[i] for i in idx if given[i]}
+        gs = {str(given[i]) for i in idx if given[i]}
         if len(gs) > 1:
             raise InputError(f"{level} {g!r} is given more than one split ({sorted(gs)}): leakage")
         if gs:
@@ -76,7 +78,7 @@ def split_labels(
         fracs = {"train": 1 - val_fraction - test_fraction, "val": val_fraction,
                  "test": test_fraction}
         active = [s for s in SPLITS if fracs[s] > 0]
-        total = sum(_class_vector(labels, members[g]) for g in free)
+        total = np.sum([_class_vector(labels, members[g]) for g in free], axis=0)
         target = {s: fracs[s] * total for s in active}
         have = {s: np.zeros_like(total) for s in active}
         rng = np.random.default_rng(seed)
@@ -87,7 +89,9 @@ def split_labels(
             scores = []
             for s in active:
                 lack = np.clip(target[s] - have[s], 0, None) / np.maximum(target[s], 1e-9)
-                scores.append(float((lack * v).sum() / max(v.sum(), 1)))
+                # ties (e.g. classes seen once) go to the split lacking most tiles overall
+                overall = max(float(target[s].sum() - have[s].sum()), 0.0) / max(float(target[s].sum()), 1e-9)
+                scores.append(float((lack * v).sum() / max(v.sum(), 1)) + 1e-3 * overall)
             s = active[int(np.argmax(scores))]
             have[s] += v
             for i in members[g]:

@@ -21,9 +21,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -277,7 +277,15 @@ def _score(metric: str, ev: dict[str, Any]) -> float:
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     perm = np.random.default_rng([seed, epoch, 7]).permutation(n)
-    return [perm[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+    out = [perm[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        # BatchNorm cannot train on one tile (1x1 feature maps): fold it into the batch before
+        out[-2].extend(out.pop())
+    return out
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    return len(_batches(n, batch_size, 0, 0))
 
 
 # --------------------------------------------------------------------------------------
@@ -353,7 +361,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     macenko = MacenkoNormalizer(read_image(cfg.macenko_target)) if cfg.macenko_target else None
     ds = TileDataset(train_set, cfg.tile_px, cfg.mpp_um, card.mean, card.std, cfg.augment,
                      cfg.seed, macenko)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = _steps_per_epoch(len(train_set), cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -370,13 +378,22 @@ def train(cfg: TrainConfig) -> TrainResult:
                              "best_epoch": -1, "bad_epochs": 0, "history": [],
                              "stopped_early": False}
     if resuming:
+        saved = json.loads((last_dir / STATE_FILE).read_text(encoding="utf-8")).get("config", {})
+        free = {"resume", "stop_after_steps", "progress", "device", "num_workers", "data", "out",
+                "eval_train_max"}
+        now = to_jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg)})
+        changed = sorted(k for k in now if k not in free and k in saved and saved[k] != now[k])
+        if changed:
+            raise InputError(f"--resume with changed settings {changed}: the run would not be the "
+                             "one that was started (use the same options or a new --out)", out)
         state = load_checkpoint(last_dir, model, opt)
         sched.last_epoch = state["step"]  # the optimizer state holds that step's learning rate
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         log.info("resuming %s at step %d (epoch %d)", out, state["step"], state["epoch"])
 
-    cfg_json = to_jsonable({k: v for k, v in asdict(cfg).items() if k != "data"})
+    # fields one by one: asdict() would deep-copy a LabelSet passed as data
+    cfg_json = to_jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "data"})
     cfg_json["data"] = labels.source
     stop_at = total if cfg.stop_after_steps is None else min(total, cfg.stop_after_steps)
 
@@ -402,7 +419,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 x, y, counts = x.to(device), y.to(device), counts.to(device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     o = model(x)
-                loss, parts = compute_loss(o, y, counts, cfg, weight)
+                loss, _ = compute_loss(o, y, counts, cfg, weight)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:
@@ -469,14 +486,17 @@ def train(cfg: TrainConfig) -> TrainResult:
             metrics[split_name] = evaluate_labels(best.model, best.card, subset, cfg.batch_size,
                                                   device, macenko, progress=cfg.progress)
     tr = train_set
-    if len(tr) > cfg.eval_train_max:
+    if cfg.eval_train_max <= 0:
+        tr = train_set.subset([])
+    elif len(tr) > cfg.eval_train_max:
         pick = np.random.default_rng([cfg.seed, 99]).choice(len(tr), cfg.eval_train_max,
                                                             replace=False)
         tr = tr.subset(sorted(pick.tolist()))
-    metrics["train"] = evaluate_labels(best.model, best.card, tr, cfg.batch_size, device,
-                                       macenko, progress=cfg.progress)
+    if len(tr):
+        metrics["train"] = evaluate_labels(best.model, best.card, tr, cfg.batch_size, device,
+                                           macenko, progress=cfg.progress)
     (out / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=1), encoding="utf-8")
-    shown = metrics.get("val") or metrics["train"]
+    shown = metrics.get("val") or metrics.get("train") or {}
     if "tissue" in shown:
         plot_confusion(out / "confusion_matrix.png", np.asarray(shown["tissue"]["confusion_matrix"]),
                        shown["tissue"]["classes"],

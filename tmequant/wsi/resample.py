@@ -11,7 +11,7 @@ from PIL import Image
 if TYPE_CHECKING:
     from tmequant.wsi.slide import Slide
 
-_MARGIN_PX = 2  # level pixels read around the box so the filter never sees a block edge
+_MARGIN_PX = 2  # level pixels read around the box for bicubic upscaling
 
 
 def read_resampled(
@@ -33,11 +33,21 @@ def read_resampled(
     if (abs(bx1 - bx0 - ow) < 1e-6 and abs(by1 - by0 - oh) < 1e-6
             and abs(bx0 - round(bx0)) < 1e-6 and abs(by0 - round(by0)) < 1e-6):
         return slide.read_region(level, round(round(bx0) * lds), round(round(by0) * lds), ow, oh)
-    m = _MARGIN_PX
-    ix0, iy0 = math.floor(bx0) - m, math.floor(by0) - m
-    ix1, iy1 = math.ceil(bx1) + m, math.ceil(by1) + m
-    region = slide.read_region(level, round(ix0 * lds), round(iy0 * lds), ix1 - ix0, iy1 - iy0)
     down = (bx1 - bx0) >= ow
+    fx, fy = (bx1 - bx0) / ow, (by1 - by0) / oh
+    if (down and abs(fx - round(fx)) < 1e-9 and abs(fy - round(fy)) < 1e-9 and round(fx) == round(fy)
+            and abs(bx0 - round(bx0)) < 1e-6 and abs(by0 - round(by0)) < 1e-6):
+        # integer factor on whole pixels (0.25 -> 0.5 um/px): Pillow's reduce() is the same
+        # box mean as resize(BOX) at about 40% of its cost
+        f = int(round(fx))
+        ix0, iy0 = int(round(bx0)), int(round(by0))
+        region = slide.read_region(level, round(ix0 * lds), round(iy0 * lds), ow * f, oh * f)
+        return np.asarray(Image.fromarray(region).reduce(f))
+    # the box filter only weighs pixels inside the box; bicubic needs neighbours
+    m = 0 if down else _MARGIN_PX
+    ix0, iy0 = math.floor(bx0) - m, math.floor(by0) - m
+    ix1, iy1 = math.ceil(bx1 - 1e-9) + m, math.ceil(by1 - 1e-9) + m
+    region = slide.read_region(level, round(ix0 * lds), round(iy0 * lds), ix1 - ix0, iy1 - iy0)
     img = Image.fromarray(region)
     out = img.resize(
         (ow, oh),

@@ -24,7 +24,7 @@ RegionReader = Callable[[int, int, int, int], np.ndarray]
 ImageSource = Union[np.ndarray, Any, RegionReader]
 
 FLAVORS = ("svs", "tiff", "ome")
-_RAM_LEVEL_BYTES = 256 << 20  # coarser levels above this go to a temporary memmap
+_RAM_LEVEL_BYTES = 64 << 20  # coarser levels above this go to a temporary memmap
 
 
 def _reader(image: ImageSource, shape: tuple[int, int] | None) -> tuple[RegionReader, int, int]:

@@ -1,0 +1,143 @@
+"""Everything a batch writes about its cohort, in one call.
+
+``write_cohort_report(out_dir, outcomes, failures)`` writes::
+
+    <out_dir>/cohort.csv, cohort.parquet     one row per finished slide (tables.py)
+    <out_dir>/tls.csv, tls.parquet           one row per TLS of every slide
+    <out_dir>/figures/<slide_id>/*.png       the four pictures of each slide
+    <out_dir>/report.html                    the self-contained report
+    <out_dir>/slides/<slide_id>.html         one self-contained page per slide, only for
+                                             cohorts larger than ``inline_max_slides``
+
+The density pictures of a cohort share one colour scale, so slides can be compared by eye.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tmequant.report.html import write_html_report
+from tmequant.report.slide import slide_figures, slide_section
+from tmequant.report.tables import CSV_FLOAT_FORMAT, write_cohort_table
+
+log = logging.getLogger("tmequant")
+
+INLINE_MAX_SLIDES = 40  # beyond this a single page with every picture gets too heavy to open
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass
+class SlideOutcome:
+    """One finished slide: its store (SlideStore), the model the pictures show, its result.
+
+    notes: lines shown on the slide's section (e.g. "MPP overridden to 0.25").
+    """
+
+    store: Any
+    model_name: str
+    result: Any
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class CohortOutputs:
+    cohort_csv: Path
+    cohort_parquet: Path
+    tls_csv: Path
+    tls_parquet: Path
+    report_html: Path
+    figures: dict[str, dict[str, Path]] = field(default_factory=dict)
+    slide_pages: dict[str, Path] = field(default_factory=dict)
+
+
+def safe_name(slide_id: str) -> str:
+    """The slide id when it is a safe file name (tmequant.inputs enforces that), else a hash."""
+    if _SAFE.match(slide_id) and ".." not in slide_id:
+        return slide_id
+    import hashlib
+
+    return "slide-" + hashlib.sha256(slide_id.encode()).hexdigest()[:16]
+
+
+def cohort_density_vmax(densities: Iterable[np.ndarray], percentile: float = 99.0) -> float:
+    """Top of a shared lymphocyte-density colour scale: the cohort's 99th percentile (>= 100)."""
+    finite = [d[np.isfinite(d)] for d in (np.asarray(x, dtype=np.float64).ravel() for x in densities)]
+    allv = np.concatenate(finite) if finite else np.zeros(0)
+    return max(float(np.percentile(allv, percentile)) if allv.size else 0.0, 100.0)
+
+
+def write_tls_table(tables: Iterable[pd.DataFrame], out_dir: str | os.PathLike[str],
+                    stem: str = "tls") -> tuple[Path, Path]:
+    """Concatenate per-slide TLS tables (each with ``slide_id``) into ``tls.csv``/``tls.parquet``."""
+    frames = [t for t in tables if t is not None and len(t)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"slide_id": pd.Series(dtype=str)})
+    if len(df) and "slide_id" in df:
+        sort = ["slide_id"] + (["tls_id"] if "tls_id" in df else [])
+        df = df.sort_values(sort, kind="stable").reset_index(drop=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, pq_path = out / f"{stem}.csv", out / f"{stem}.parquet"
+    tmp_csv, tmp_pq = out / f".{stem}.csv.tmp", out / f".{stem}.parquet.tmp"
+    df.to_csv(tmp_csv, index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n")
+    df.to_parquet(tmp_pq, index=False)
+    os.replace(tmp_csv, csv_path)
+    os.replace(tmp_pq, pq_path)
+    return csv_path, pq_path
+
+
+def write_cohort_report(
+    out_dir: str | os.PathLike[str],
+    outcomes: Sequence[SlideOutcome],
+    failures: Iterable[Any] = (),
+    *,
+    title: str = "tmequant cohort report",
+    inline_max_slides: int = INLINE_MAX_SLIDES,
+) -> CohortOutputs:
+    """Write the cohort table, TLS table, pictures and HTML report for finished slides.
+
+    failures: tmequant.batch.Failure objects (or dicts slide_id/stage/reason) of the batch.
+    Pictures of one slide that fail to draw are logged and left out; they never fail the batch.
+    """
+    out = Path(out_dir)
+    outcomes = sorted(outcomes, key=lambda o: str(o.store.slide_id))
+    rows = [{**o.result.row, "slide_id": o.store.slide_id} for o in outcomes]
+    cohort_csv, cohort_pq = write_cohort_table(rows, out)
+    tls_csv, tls_pq = write_tls_table((o.result.tls for o in outcomes), out)
+    vmax = cohort_density_vmax(o.result.lymphocyte_density_per_mm2 for o in outcomes)
+
+    figures: dict[str, dict[str, Path]] = {}
+    sections = []
+    for o, row in zip(outcomes, rows):
+        sid = str(o.store.slide_id)
+        notes = tuple(o.notes)
+        try:
+            figs = slide_figures(o.store, o.model_name, o.result, out / "figures" / safe_name(sid),
+                                 vmax_per_mm2=vmax)
+        except Exception as exc:  # noqa: BLE001 - a picture never fails a finished slide
+            log.warning("%s: pictures not drawn: %s: %s", sid, type(exc).__name__, exc)
+            figs, notes = {}, notes + (f"pictures not drawn: {type(exc).__name__}: {exc}",)
+        figures[sid] = {k: Path(v) for k, v in figs.items()}  # type: ignore[arg-type]
+        sections.append(slide_section(sid, row, figs, notes))
+
+    failures = list(failures)
+    slide_pages: dict[str, Path] = {}
+    links = None
+    if len(sections) > inline_max_slides:
+        links = {}
+        for sec in sections:
+            page = out / "slides" / f"{safe_name(sec.slide_id)}.html"
+            write_html_report(page, [sec], None, title=f"{sec.slide_id} · {title}",
+                              back_link="../report.html")
+            slide_pages[sec.slide_id] = page
+            links[sec.slide_id] = f"slides/{page.name}"
+    report = write_html_report(out / "report.html", sections, failures, title=title, slide_links=links)
+    return CohortOutputs(cohort_csv, cohort_pq, tls_csv, tls_pq, report, figures, slide_pages)
