@@ -51,7 +51,9 @@ def make_class_folders(root: Path) -> Path:
 def test_class_folders_parse_nct_layout_with_builtin_roles(tmp_path):
     folder = make_class_folders(tmp_path)
     ls = load_labels(folder)
-    assert ls.tissue_classes == sorted(["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"])
+    assert ls.tissue_classes == sorted(
+        ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
+    )
     assert len(ls) == 9
     assert {s.label for s in ls.samples} == set(ls.tissue_classes)
     assert all(Path(s.path).is_file() and s.kind == "file" for s in ls.samples)
@@ -75,7 +77,9 @@ def test_class_folder_without_images_is_a_clear_error(tmp_path):
 def test_class_folder_unknown_class_is_a_clear_error(tmp_path):
     folder = make_class_folders(tmp_path)
     with pytest.raises(InputError, match="unknown classes.*'TUM'"):
-        read_class_folders(folder, classes=["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR"])
+        read_class_folders(
+            folder, classes=["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR"]
+        )
 
 
 def test_tile_reader_crops_centre_and_random_without_resampling(tmp_path):
@@ -89,8 +93,12 @@ def test_tile_reader_crops_centre_and_random_without_resampling(tmp_path):
     np.testing.assert_array_equal(centre, full[80:144, 80:144])
     crop = r.read(s, np.random.default_rng(3))
     # a random crop is a window of the original pixels (the MPP is kept)
-    hits = [(y, x) for y in range(161) for x in range(161)
-            if np.array_equal(full[y : y + 64, x : x + 64], crop)]
+    hits = [
+        (y, x)
+        for y in range(161)
+        for x in range(161)
+        if np.array_equal(full[y : y + 64, x : x + 64], crop)
+    ]
     assert hits
 
 
@@ -127,16 +135,22 @@ def test_csv_manifest_errors_name_the_problem(tmp_path):
 # --- 3. slides + QuPath GeoJSON ------------------------------------------------------------
 def _polygon(x0, y0, x1, y1, cls):
     ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-    f = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-         "properties": {"objectType": "annotation"}}
+    f = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"objectType": "annotation"},
+    }
     if cls:
         f["properties"]["classification"] = {"name": cls, "color": [255, 0, 0]}
     return f
 
 
 def _point(x, y, cls):
-    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [x, y]},
-            "properties": {"objectType": "detection", "classification": {"name": cls}}}
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Point", "coordinates": [x, y]},
+        "properties": {"objectType": "detection", "classification": {"name": cls}},
+    }
 
 
 def _write_geojson(path: Path, feats) -> Path:
@@ -189,7 +203,9 @@ def test_slide_geojson_polygons_give_tiles_and_points_give_counts(tmp_path):
         exp = _expected_tiles(rect, side, width, height, 0.5)
         assert exp and {k for k, v in got.items() if v.label == cls} == exp
     # counts only on tiles fully inside an annotation; (17,17): 3 lymphocytes; (18,17): 2 tumour
-    full = _expected_tiles(tum, side, width, height, 0.99) | _expected_tiles(strm, side, width, height, 0.99)
+    full = _expected_tiles(tum, side, width, height, 0.99) | _expected_tiles(
+        strm, side, width, height, 0.99
+    )
     assert {k for k, v in got.items() if v.counts is not None} == full
     assert got[(17, 17)].counts == (3.0, 0.0)
     assert got[(18, 17)].counts == (0.0, 2.0)
@@ -205,8 +221,9 @@ def test_slide_geojson_polygons_give_tiles_and_points_give_counts(tmp_path):
     with openslide.OpenSlide(str(slide)) as osr:
         x0, y0 = int(np.floor(x)), int(np.floor(y))
         ref = osr.read_region((x0, y0), 0, (int(sd) + 2, int(sd) + 2)).convert("RGB")
-    ref = np.asarray(ref.resize((64, 64), Image.BOX, box=(x - x0, y - y0, x - x0 + sd, y - y0 + sd)),
-                     dtype=float)
+    ref = np.asarray(
+        ref.resize((64, 64), Image.BOX, box=(x - x0, y - y0, x - x0 + sd, y - y0 + sd)), dtype=float
+    )
     assert tile.std() > 10  # tissue, not glass
     assert np.abs(tile - ref).mean() < 3.0
 
@@ -225,14 +242,21 @@ def test_geojson_errors_are_clear(tmp_path):
     uncl = _write_geojson(tmp_path / "uncl.geojson", [_polygon(0, 0, 500, 500, None)])
     with pytest.raises(InputError, match="no classified polygons"):
         read_slide_annotations([AnnotatedSlide(str(slide), str(uncl), "cmu")], 64, 0.5)
-    two = _write_geojson(tmp_path / "two.geojson",
-                         [_polygon(0, 0, 500, 500, "Tumor"), _polygon(600, 600, 900, 900, "Fat")])
+    two = _write_geojson(
+        tmp_path / "two.geojson",
+        [_polygon(0, 0, 500, 500, "Tumor"), _polygon(600, 600, 900, 900, "Fat")],
+    )
     with pytest.raises(InputError, match=r"unknown classes \['Fat'\]"):
-        read_slide_annotations([AnnotatedSlide(str(slide), str(two), "cmu")], 64, 0.5,
-                               classes=["Tumor"])
+        read_slide_annotations(
+            [AnnotatedSlide(str(slide), str(two), "cmu")], 64, 0.5, classes=["Tumor"]
+        )
     with pytest.raises(InputError, match=r"classes \['Necrosis'\] have no tiles"):
-        read_slide_annotations([AnnotatedSlide(str(slide), str(two), "cmu")], 64, 0.5,
-                               classes=["Tumor", "Fat", "Necrosis"])
+        read_slide_annotations(
+            [AnnotatedSlide(str(slide), str(two), "cmu")],
+            64,
+            0.5,
+            classes=["Tumor", "Fat", "Necrosis"],
+        )
 
 
 def test_load_labels_finds_geojson_beside_slide(tmp_path):
@@ -251,8 +275,14 @@ def _synthetic_set(n_patients=30, seed=0) -> LabelSet:
     for p in range(n_patients):
         for s in range(int(rng.integers(1, 3))):
             for t in range(int(rng.integers(2, 9))):
-                samples.append(Sample(path=f"/x/p{p}s{s}t{t}.png", label=f"c{int(rng.integers(3))}",
-                                      slide_id=f"p{p}s{s}", patient_id=f"P{p}"))
+                samples.append(
+                    Sample(
+                        path=f"/x/p{p}s{s}t{t}.png",
+                        label=f"c{int(rng.integers(3))}",
+                        slide_id=f"p{p}s{s}",
+                        patient_id=f"P{p}",
+                    )
+                )
     return LabelSet(samples=samples, tissue_classes=["c0", "c1", "c2"])
 
 
@@ -284,9 +314,19 @@ def test_split_falls_back_to_slides_then_files_and_detects_leakage():
     leaky[1] = "val"  # tiles 0 and 1 belong to patient P0
     with pytest.raises(InputError, match="P0.*more than one split"):
         check_no_leakage(ls, leaky)
-    given = LabelSet([Sample(s.path, s.label, s.slide_id, s.patient_id,
-                             split="val" if i in (0, 1) and s.patient_id == "P0" else None)
-                      for i, s in enumerate(ls.samples)], ls.tissue_classes)
+    given = LabelSet(
+        [
+            Sample(
+                s.path,
+                s.label,
+                s.slide_id,
+                s.patient_id,
+                split="val" if i in (0, 1) and s.patient_id == "P0" else None,
+            )
+            for i, s in enumerate(ls.samples)
+        ],
+        ls.tissue_classes,
+    )
     sp2 = split_labels(given, 0.2, seed=0)
     assert {k for s, k in zip(ls.samples, sp2) if s.patient_id == "P0"} == {"val"}
 
@@ -310,7 +350,9 @@ def test_hed_jitter_identity_and_effect():
     moved = hed_jitter(img, np.random.default_rng(0), 0.2, 0.05)
     assert np.abs(moved - img).mean() > 2.0
     out = augment(img[:64, :64], np.random.default_rng(1), AugmentConfig())
-    assert out.shape == (64, 64, 3) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 255
+    assert (
+        out.shape == (64, 64, 3) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 255
+    )
     out2 = augment(img[:64, :64], np.random.default_rng(1), AugmentConfig())
     np.testing.assert_array_equal(out, out2)  # seeded: reproducible
 
@@ -358,7 +400,9 @@ def test_demo_finds_inflammatory_type_id_from_the_parquet():
     folder = shared_path("histolytics")
     shared_path("histolytics", "hgsc_nest_type_mask.npz")
     spec = importlib.util.spec_from_file_location(
-        "demo_count_head", Path(__file__).resolve().parents[1] / "scripts" / "demo_count_head_histolytics.py")
+        "demo_count_head",
+        Path(__file__).resolve().parents[1] / "scripts" / "demo_count_head_histolytics.py",
+    )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     centroids, types, names = demo.nuclei_table(folder)

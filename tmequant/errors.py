@@ -7,7 +7,7 @@ one) and the problem, and says how to fix it where a fix exists.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 
 class TmequantError(Exception):
@@ -19,7 +19,7 @@ class TmequantError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, path: str | Path | None = None):
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None):
         self.path = None if path is None else str(path)
         self.message = message
         super().__init__(f"{self.path}: {message}" if self.path else message)

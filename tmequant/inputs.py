@@ -10,6 +10,7 @@ import csv
 import glob
 import io
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class SlideSpec:
     mpp_override_um: float | None = None
 
 
-def slide_id_from_path(path: str | Path) -> str:
+def slide_id_from_path(path: str | os.PathLike[str]) -> str:
     """`a/b/TCGA-X.svs` -> `TCGA-X`; `x.ome.tiff` -> `x`; a DICOM file -> its folder's name."""
     p = Path(path)
     if p.suffix.lower() == ".dcm":
@@ -91,7 +92,7 @@ def parse_mpp(value: str, source: str) -> float | None:
     return mpp
 
 
-def read_manifest(path: str | Path) -> list[SlideSpec]:
+def read_manifest(path: str | os.PathLike[str]) -> list[SlideSpec]:
     """Read a CSV manifest ``slide_id,path[,mpp]``; relative paths are relative to it."""
     p = Path(path)
     if p.stat().st_size > _MAX_MANIFEST_BYTES:
@@ -129,7 +130,7 @@ def read_manifest(path: str | Path) -> list[SlideSpec]:
 
 
 def expand_slides(
-    items: Iterable[str | Path], mpp_override_um: float | None = None
+    items: Iterable[str | os.PathLike[str]], mpp_override_um: float | None = None
 ) -> list[SlideSpec]:
     """Expand files, folders, globs and CSV manifests into unique, validated SlideSpecs.
 

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger("tmequant")
 
@@ -43,8 +44,8 @@ class ProgressBar:
         self.log_every_s = log_every_s
         self.n = 0
         self._t0 = self._last_log = time.perf_counter()
-        self._rich = None
-        self._task = None
+        self._rich: Any = None  # rich.progress.Progress on a terminal (imported only then)
+        self._task: Any = None
 
     def __enter__(self) -> "ProgressBar":
         if self.enabled and sys.stderr.isatty():

@@ -34,6 +34,7 @@ from tmequant.biomarkers.aggregate import (
 from tmequant.biomarkers.cells import DEFAULT_CELL_ROLE_MAP, cell_role, cell_roles, read_cell_table
 from tmequant.biomarkers.grid import TileGrid
 from tmequant.biomarkers.params import BiomarkerParams
+from tmequant.biomarkers.store import biomarkers_for_store
 
 __all__ = [
     "COMPARTMENT_NAMES",
@@ -44,6 +45,7 @@ __all__ = [
     "Compartments",
     "DenseGrid",
     "TileGrid",
+    "biomarkers_for_store",
     "block_sums",
     "cell_role",
     "cell_roles",

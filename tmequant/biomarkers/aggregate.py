@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from tmequant.biomarkers.cellular import CellCompartments, cell_compartments
 from tmequant.biomarkers.grid import TileGrid
 from tmequant.biomarkers.params import BiomarkerParams
 from tmequant.roles import TISSUE_ROLES
@@ -297,14 +298,16 @@ def block_sums(rows: np.ndarray, cols: np.ndarray, block: int, values: list[np.n
 
 # --- phenotype -------------------------------------------------------------------------
 def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
-                     params: BiomarkerParams | None = None) -> dict[str, Any]:
+                     params: BiomarkerParams | None = None,
+                     split: CellCompartments | None = None) -> dict[str, Any]:
     """Inflamed / excluded / desert over bulk regions of ``phenotype_region_mm2``.
 
     Regions are squares of round(sqrt(region area) / tile_um) tiles (at least 1) anchored at
     the grid origin, restricted to bulk tiles. A region is scored when its epithelium area is
     >= ``phenotype_min_tumor_fraction`` of its bulk tissue area; thresholds are inclusive.
     With no scored region the label is ``not_evaluable`` (the spec would say desert, which
-    would call a tumour-free slide immune-cold).
+    would call a tumour-free slide immune-cold). With ``split`` (cell-resolution compartments)
+    the regions' epithelium / stroma areas and lymphocytes come from it.
     """
     params = params or BiomarkerParams()
     side = max(1, round(math.sqrt(params.phenotype_region_mm2 * UM2_PER_MM2) / grid.tile_um))
@@ -321,7 +324,10 @@ def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
     b = in_bulk
     _, (a_bulk, a_epi, a_str, l_epi, l_str) = block_sums(
         grid.rows[b], grid.cols[b], side,
-        [area[b], area[b] * epi[b], area[b] * strom[b], counts[b] * epi[b], counts[b] * strom[b]])
+        [area[b], area[b] * epi[b], area[b] * strom[b], counts[b] * epi[b], counts[b] * strom[b]]
+        if split is None else
+        [area[b], split.epithelium_area_um2[b], split.stroma_area_um2[b],
+         split.epithelium_lymphocytes[b], split.stroma_lymphocytes[b]])
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = np.where(a_bulk > 0, a_epi / a_bulk, 0.0)
         it = np.where(a_epi > 0, l_epi / a_epi * UM2_PER_MM2, np.nan)
@@ -442,7 +448,8 @@ class BiomarkerResult:
     """One slide's biomarkers.
 
     row: one output row (units in column names, parameters as ``param_<name>``, provenance);
-    tls: per-TLS table; compartments: grid maps; lymphocyte_density_per_mm2 and tls_labels: (N,).
+    tls: per-TLS table; compartments: grid maps; lymphocyte_density_per_mm2 and tls_labels: (N,);
+    cell_compartments: the cell-resolution epithelium / stroma split, or None (tile resolution).
     """
 
     row: dict[str, Any]
@@ -451,6 +458,7 @@ class BiomarkerResult:
     lymphocyte_density_per_mm2: np.ndarray
     tls_labels: np.ndarray
     lymphocyte_counts: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    cell_compartments: CellCompartments | None = field(repr=False, default=None)
 
 
 PROVENANCE_KEYS = ("slide_id", "source_path", "source_fingerprint", "slide_mpp_um", "mpp_source",
@@ -463,7 +471,9 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     """All biomarkers of docs/biomarkers.md for one slide.
 
     ``cells`` (x, y level-0 px, class), when given, replaces the grid's counts
-    (count_source ``cell_table``) and gives Morisita-Horn at cell resolution.
+    (count_source ``cell_table``) and gives Morisita-Horn at cell resolution; when it has
+    tumour cells in the bulk, epithelium and tumour-associated stroma are split by the cells
+    (``compartment_resolution`` ``cell``, see cellular.py; ``tile`` otherwise).
     """
     params = params or BiomarkerParams()
     from tmequant.provenance import package_version, params_hash, to_jsonable
@@ -479,6 +489,7 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     area = grid.tissue_area_um2
     dens = tile_density_per_mm2(counts, area)
     t = {k: comp.tiles(k) for k in ("bulk", "epithelium", "tumor_stroma", "margin", "core")}
+    split = cell_compartments(grid, comp, cells, params)  # None: tile resolution
 
     row: dict[str, Any] = {}
     meta = grid.metadata
@@ -491,6 +502,7 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     row["tile_level0_px"] = grid.tile_level0_px
     row["n_tiles"] = grid.n_tiles
     row["count_source"] = source
+    row["compartment_resolution"] = "tile" if split is None else "cell"
     row.update(composition(grid, t["bulk"]))
     for k in ("bulk", "epithelium", "tumor_stroma", "margin", "core"):
         row[f"{k}_area_mm2"] = float(area[t[k]].sum()) / UM2_PER_MM2
@@ -505,10 +517,13 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     row["stil_score_pct"] = stil_score_pct(row["lymphocytes_stromal"], float(area[t["tumor_stroma"]].sum()),
                                            params.til_area_um2)
     row["til_positive_tile_fraction"] = til_positive_fraction(dens, t["bulk"], params.til_positive_per_mm2)
+    if split is not None:  # epithelium / stroma split by the cells (cellular.py)
+        row.update(split.row(params.til_area_um2))
+        it, st = row["til_density_intratumoral_per_mm2"], row["til_density_stromal_per_mm2"]
     row["exclusion_ratio_stroma_to_tumor"] = exclusion_ratio(st, it)
     row["exclusion_ratio_margin_to_core"] = exclusion_ratio(ma, co)
     row.update(_morisita_horn(grid, cells, counts, params))
-    row.update(immune_phenotype(grid, comp, counts, params))
+    row.update(immune_phenotype(grid, comp, counts, params, split))
 
     labels, tls = find_tls(grid, comp, counts, params)
     peri_area = float(area[t["bulk"] | t["margin"]].sum())
@@ -518,17 +533,16 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     row["tls_peritumoral_count"] = int((tls["location"] == "peritumoral").sum()) if len(tls) else 0
     row["tls_total_area_mm2"] = float(tls["area_um2"].sum()) / UM2_PER_MM2 if len(tls) else 0.0
 
-    for k, v in meta.items():
-        if k.startswith("n_cells"):
-            row[k] = v
+    # always present (None without a cell table), so every slide's row has the same columns
+    row["n_cells"] = meta.get("n_cells")
+    row["n_cells_outside_tiles"] = meta.get("n_cells_outside_tiles")
     row["params_hash"] = params_hash(params)
     row["package_version"] = package_version()
     for k, v in to_jsonable(params).items():
         row[f"param_{k}"] = v
-    if len(tls):
-        tls.insert(0, "slide_id", meta.get("slide_id"))
+    tls.insert(0, "slide_id", meta.get("slide_id"))  # also on an empty table: same columns
     return BiomarkerResult(row=row, tls=tls, compartments=comp, lymphocyte_density_per_mm2=dens,
-                           tls_labels=labels, lymphocyte_counts=counts)
+                           tls_labels=labels, lymphocyte_counts=counts, cell_compartments=split)
 
 
 def _morisita_horn(grid: TileGrid, cells: pd.DataFrame | None, counts: np.ndarray,

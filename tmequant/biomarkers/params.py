@@ -42,6 +42,18 @@ class BiomarkerParams:
     tls_max_distance_um: float = _p(1000.0, 0, 1e6, "largest gap between a TLS and the tumour bulk")
     # counts when there are neither cells nor a count head nor a nucleus counter
     area_estimate_per_mm2: float = _p(6000.0, 0, 1e7, "lymphocytes per mm^2 of immune-role tissue")
+    # epithelium / stroma below tile resolution from a cell table's tumour cells (cellular.py).
+    # 16 um ~ 1-2 nuclei; sigma 24 um ~ 2 nucleus spacings, so each pixel's share rests on ~10
+    # nuclei yet stays below the width of thin nests and septa (~50-100 um); majority share;
+    # the prior adds 10 non-tumour nuclei per mm^2 to the share's denominator: < 2% of the
+    # non-lymphocyte nuclei of stroma (~640 per mm^2 on the histolytics HGSC slide) and < 1% of
+    # nests (~1,400), so it only matters where there are almost no nuclei (the far tail of a
+    # lone tumour cell in empty tissue). Larger priors shrink nests at their borders.
+    cell_compartments: bool = _p(True, None, None, "refine epithelium/stroma with the cell table's tumour cells")
+    cell_compartment_um: float = _p(16.0, 1, 1e4, "fine pixel of the cell-resolution compartments")
+    cell_sigma_um: float = _p(24.0, 0, 1e4, "Gaussian sigma smoothing the nucleus counts")
+    cell_tumor_share: float = _p(0.5, 0, 1, "epithelium: tumour share of non-lymphocyte nuclei at least")
+    cell_share_prior_per_mm2: float = _p(10.0, 0, 1e7, "non-tumour nuclei per mm^2 added to the share's denominator")
 
     def __post_init__(self) -> None:
         for name, value in self.as_dict().items():

@@ -17,6 +17,7 @@ from tmequant.cli import biomarkers as _biomarkers  # noqa: F401,E402
 from tmequant.cli import predict as _predict  # noqa: F401,E402
 from tmequant.cli import models as _models  # noqa: F401,E402
 from tmequant.cli import train as _train  # noqa: F401,E402
+from tmequant.cli import run as _run  # noqa: F401,E402
 
 __all__ = ["app", "main"]
 

@@ -98,7 +98,7 @@ def biomarkers_cmd(
     import pandas as pd
 
     from tmequant.batch import run_per_slide
-    from tmequant.biomarkers import TLS_COLUMNS, TileGrid, compute_biomarkers, read_cell_table
+    from tmequant.biomarkers import TLS_COLUMNS, biomarkers_for_store
     from tmequant.cli.predict import expand_stores, store_id
     from tmequant.params import biomarker_params_from_file
     from tmequant.provenance import params_hash, to_jsonable
@@ -121,12 +121,9 @@ def biomarkers_cmd(
         store = SlideStore(path)
         sid = store.slide_id
         cpath = cells_for_slide(cells, sid, len(paths))
-        table = read_cell_table(cpath) if cpath is not None else None
-        grid = TileGrid.from_store(store, model)
-        res = compute_biomarkers(grid, cells=table, params=bp)
-        res.row["cell_table_path"] = str(cpath) if cpath else None
+        res = biomarkers_for_store(store, model, cells=cpath, params=bp)
         if geojson:
-            write_slide_geojson(out, sid, res, float(grid.tile_level0_px or 0.0))
+            write_slide_geojson(out, sid, res, store.tile_level0_px)
         log.info("%s: %s, sTIL %.1f%%, %d TLS (counts: %s)", sid, res.row["immune_phenotype"],
                  res.row["stil_score_pct"], res.row["tls_count"], res.row["count_source"])
         return res

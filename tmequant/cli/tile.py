@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -12,12 +11,12 @@ from tmequant.cli._app import app, fail, finish_batch
 
 @app.command("tile")
 def tile_cmd(
-    slides: List[str] = typer.Argument(
+    slides: list[str] = typer.Argument(
         ..., help="Slide files, folders, glob patterns or a CSV manifest (slide_id,path[,mpp])."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <out>/<slide_id>.zarr and .qc.png."),
     mpp: float = typer.Option(0.5, "--mpp", help="Target pixel size of the tiles, um/px.", show_default=True),
     tile_px: int = typer.Option(224, "--tile-px", help="Tile side in pixels at --mpp.", show_default=True),
-    mpp_override: Optional[float] = typer.Option(
+    mpp_override: float | None = typer.Option(
         None, "--mpp-override",
         help="Level-0 pixel size in um/px for slides whose file lacks it (or is wrong); "
              "a manifest `mpp` column wins per slide. Range 0.05-20."),
@@ -28,7 +27,7 @@ def tile_cmd(
     compression: str = typer.Option(
         "blosc-lz4", "--compression", help="Lossless codec of tiles/images: blosc-lz4, zstd-1, zstd (level 3), zstd-9, none.",
         show_default=True),
-    workers: Optional[int] = typer.Option(
+    workers: int | None = typer.Option(
         None, "--workers", "-j", help="Reader threads per slide (default: min(4, number of CPUs))."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Rebuild stores made with other parameters (or from a changed slide)."),

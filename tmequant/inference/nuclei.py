@@ -398,6 +398,16 @@ def _cells_frame(r: _Regions, start: int, coords: np.ndarray, scale: float) -> p
     })
 
 
+def _file_exists(path: str) -> bool:
+    """A local path or an fsspec URL exists."""
+    if "://" not in path:
+        return Path(path).exists()
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(p))
+
+
 def count_store(
     store_path: str | os.PathLike[str],
     params: NucleusCounterParams | None = None,
@@ -440,7 +450,7 @@ def count_store(
     if isinstance(old, zarr.Group) and not overwrite:
         grp = old
         if (is_complete(grp) and grp.attrs.get("params_hash") == phash
-                and (cells_path is None or Path(cells_path).exists())):
+                and (cells_path is None or _file_exists(cells_path))):
             log.info("%s: nuclei already counted (params %s), reusing", path, phash)
             counts = np.asarray(grp["counts"][...], dtype=np.float32)  # type: ignore[index]
             return CountResult(path, n, phash, False, counts=counts, cells_path=cells_path)
@@ -488,7 +498,8 @@ def count_store(
     if cells_path is not None:
         cells = (pd.concat(frames, ignore_index=True) if frames
                  else _cells_frame(_empty_regions(), 0, coords, scale))
-        Path(cells_path).parent.mkdir(parents=True, exist_ok=True)
+        if "://" not in cells_path:  # URLs (memory://, s3://...) go through fsspec
+            Path(cells_path).parent.mkdir(parents=True, exist_ok=True)
         cells.attrs = {}
         cells.to_parquet(cells_path, index=False)
         n_cells = len(cells)

@@ -327,7 +327,9 @@ def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> bytes | Path:
         return data
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")  # a kill never leaves half a PNG
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
     return p
 
 

@@ -45,10 +45,10 @@ def plan_grid(
     w0, h0 = level0_wh
     t = float(tile_level0_px)
     eps = 1e-6
-    n_cols = max(0, int(math.floor(w0 / t + eps)))
-    n_rows = max(0, int(math.floor(h0 / t + eps)))
-    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    rows, cols = rows.ravel(), cols.ravel()
+    n_cols = max(0, math.floor(w0 / t + eps))
+    n_rows = max(0, math.floor(h0 / t + eps))
+    rr, cc = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rows, cols = rr.ravel(), cc.ravel()
     x = cols * t
     y = rows * t
     boxes = np.stack([x, y, x + t, y + t], axis=1) / mask_downsample

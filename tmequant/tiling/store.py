@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -30,7 +30,10 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def open_group(path: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
+AccessMode = Literal["r", "r+", "a", "w", "w-"]
+
+
+def open_group(path: str | os.PathLike[str], mode: AccessMode = "r") -> zarr.Group:
     """Open a zarr v3 group; a missing local store raises StoreError naming the path."""
     p = str(path)
     if mode == "r" and not _is_url(p) and not Path(p).exists():
@@ -93,37 +96,41 @@ class SlideStore:
             )
 
     # --- attributes -------------------------------------------------------------------
+    def _attr(self, key: str) -> Any:
+        """A root attribute as read from JSON (typed Any: the schema fixes its type)."""
+        return self.root.attrs[key]
+
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.root.attrs)
 
     @property
     def slide_id(self) -> str:
-        return str(self.root.attrs["slide_id"])
+        return str(self._attr("slide_id"))
 
     @property
     def n_tiles(self) -> int:
-        return int(self.root.attrs["n_tiles"])
+        return int(self._attr("n_tiles"))
 
     @property
     def slide_mpp_um(self) -> float:
-        return float(self.root.attrs["slide_mpp_um"])
+        return float(self._attr("slide_mpp_um"))
 
     @property
     def target_mpp_um(self) -> float:
-        return float(self.root.attrs["target_mpp_um"])
+        return float(self._attr("target_mpp_um"))
 
     @property
     def tile_px(self) -> int:
-        return int(self.root.attrs["tile_px"])
+        return int(self._attr("tile_px"))
 
     @property
     def tile_um(self) -> float:
-        return float(self.root.attrs["tile_um"])
+        return float(self._attr("tile_um"))
 
     @property
     def tile_level0_px(self) -> float:
-        return float(self.root.attrs["tile_level0_px"])
+        return float(self._attr("tile_level0_px"))
 
     # --- arrays -----------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array:
@@ -162,7 +169,8 @@ class SlideStore:
     @property
     def mask_downsample(self) -> float:
         """Level-0 pixels per tissue-mask pixel."""
-        return float(self._array("tissue_mask").attrs["downsample"])
+        downsample: Any = self._array("tissue_mask").attrs["downsample"]
+        return float(downsample)
 
     @property
     def thumbnail(self) -> np.ndarray:
@@ -202,4 +210,6 @@ class SlideStore:
         assert isinstance(grp, zarr.Group)
         if not is_complete(grp):
             return None
-        return np.asarray(grp["counts"][...], dtype=np.float32)
+        counts = grp["counts"]
+        assert isinstance(counts, zarr.Array)
+        return np.asarray(counts[...], dtype=np.float32)

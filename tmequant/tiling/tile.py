@@ -29,7 +29,10 @@ from tmequant.progress import ProgressBar
 from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
 from tmequant.tiling.grid import TilePlan, blocks, plan_grid
 from tmequant.tiling.store import (
-    STORE_SCHEMA_VERSION, is_complete, mark_complete, store_path,
+    STORE_SCHEMA_VERSION,
+    is_complete,
+    mark_complete,
+    store_path,
 )
 from tmequant.wsi.resample import read_resampled
 from tmequant.wsi.slide import Slide, open_slide
@@ -254,7 +257,8 @@ def _check_existing(spath: str, phash: str, fp: dict[str, Any], overwrite: bool)
     if root.attrs.get("source_fingerprint") != fp["sha256_head_tail"]:
         raise StoreError("the slide file changed since this store was made; use --overwrite", spath)
     log.info("%s: finished store with the same parameters; nothing to do", spath)
-    return int(root.attrs.get("n_tiles", 0))
+    n = root.attrs.get("n_tiles", 0)
+    return int(n) if isinstance(n, (int, float)) else 0
 
 
 def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:

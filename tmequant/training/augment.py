@@ -67,8 +67,9 @@ def scale_jitter(rgb: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(Image.fromarray(crop).resize((w, h), Image.Resampling.BILINEAR))
 
 
-def augment(rgb: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
-            allow_scale: bool = True) -> np.ndarray:
+def augment(
+    rgb: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, allow_scale: bool = True
+) -> np.ndarray:
     """Apply ``cfg`` to an (H, W, 3) uint8 tile; returns (H, W, 3) float32 in 0-255."""
     img = rgb
     if cfg.flips:
@@ -91,8 +92,9 @@ def augment(rgb: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
 # Macenko stain normalisation (Macenko et al. 2009)
 
 
-def macenko_stains(rgb: np.ndarray, beta: float = 0.15, alpha_pct: float = 1.0
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def macenko_stains(
+    rgb: np.ndarray, beta: float = 0.15, alpha_pct: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(stain matrix (2, 3) rows H then E in OD, 99th-percentile concentrations (2,)).
 
     Pixels with OD below ``beta`` in any channel (background) are ignored.

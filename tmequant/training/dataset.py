@@ -54,8 +54,11 @@ def _resize(rgb: np.ndarray, px: int) -> np.ndarray:
         return rgb
     # area filter when shrinking (as tmequant.tiling reads slides), bicubic when enlarging
     down = rgb.shape[0] >= px and rgb.shape[1] >= px
-    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(
-        (px, px), Image.Resampling.BOX if down else Image.Resampling.BICUBIC))
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(rgb)).resize(
+            (px, px), Image.Resampling.BOX if down else Image.Resampling.BICUBIC
+        )
+    )
 
 
 def fit_tile(rgb: np.ndarray, tile_px: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -106,10 +109,17 @@ class TileReader:
         """(tile_px, tile_px, 3) uint8 RGB of ``s`` (``rng`` picks a random crop of a file)."""
         if s.kind == "file":
             img = read_image(s.path)
-            if (img.shape[0] < self.tile_px or img.shape[1] < self.tile_px) and not self._warned_small:
-                log.warning("%s is %dx%d px, smaller than the model's %d px tile: resized up "
-                            "(the pixel size then differs from the model's)", s.path,
-                            img.shape[1], img.shape[0], self.tile_px)
+            if (
+                img.shape[0] < self.tile_px or img.shape[1] < self.tile_px
+            ) and not self._warned_small:
+                log.warning(
+                    "%s is %dx%d px, smaller than the model's %d px tile: resized up "
+                    "(the pixel size then differs from the model's)",
+                    s.path,
+                    img.shape[1],
+                    img.shape[0],
+                    self.tile_px,
+                )
                 self._warned_small = True
             return np.ascontiguousarray(fit_tile(img, self.tile_px, rng))
         if s.kind == "image":
@@ -119,8 +129,10 @@ class TileReader:
             x0, y0, n = int(round(x)), int(round(y)), int(round(side))
             crop = img[y0 : y0 + n, x0 : x0 + n]
             if crop.shape[0] != n or crop.shape[1] != n:
-                raise InputError(f"tile box {s.box} reaches outside the {img.shape[1]}x"
-                                 f"{img.shape[0]} image", s.path)
+                raise InputError(
+                    f"tile box {s.box} reaches outside the {img.shape[1]}x{img.shape[0]} image",
+                    s.path,
+                )
             return _resize(crop, self.tile_px)
         if s.kind == "slide":
             assert s.box is not None
@@ -135,8 +147,9 @@ class TileReader:
         self._slides.clear()
 
 
-def read_slide_tile(slide: Any, box: tuple[float, float, float], tile_px: int,
-                    mpp_um: float) -> np.ndarray:
+def read_slide_tile(
+    slide: Any, box: tuple[float, float, float], tile_px: int, mpp_um: float
+) -> np.ndarray:
     """(tile_px, tile_px, 3) uint8 of the level-0 square ``box = (x0, y0, side)`` at ``mpp_um``.
 
     Same level choice (``best_level_for_mpp``) and resampling (``read_resampled``, an area
@@ -148,7 +161,8 @@ def read_slide_tile(slide: Any, box: tuple[float, float, float], tile_px: int,
     level = slide.best_level_for_mpp(mpp_um)
     return np.ascontiguousarray(
         read_resampled(slide, level, (x0, y0, x0 + side, y0 + side), (tile_px, tile_px)),
-        dtype=np.uint8)
+        dtype=np.uint8,
+    )
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -189,8 +203,11 @@ class TileDataset(torch.utils.data.Dataset):
     def image(self, i: int) -> np.ndarray:
         """The (H, W, 3) float32 0-255 tile of sample ``i`` after augmentation."""
         s = self.labels.samples[i]
-        rng = (np.random.default_rng([self.seed, self.epoch, i])
-               if self.augment_cfg is not None else None)
+        rng = (
+            np.random.default_rng([self.seed, self.epoch, i])
+            if self.augment_cfg is not None
+            else None
+        )
         rgb = self.reader.read(s, rng)
         if self.macenko is not None:
             rgb = self.macenko(rgb)

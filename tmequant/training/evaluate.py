@@ -48,24 +48,43 @@ class EvalResult:
 
     def to_json(self, path: str | Path) -> Path:
         p = Path(path)
-        p.write_text(json.dumps(to_jsonable({"model": self.model_name, **self.metrics}), indent=1),
-                     encoding="utf-8")
+        p.write_text(
+            json.dumps(to_jsonable({"model": self.model_name, **self.metrics}), indent=1),
+            encoding="utf-8",
+        )
         return p
 
 
 @torch.no_grad()
-def predict_labels(model, card, labels: LabelSet, batch_size: int = 64,
-                   device: torch.device | str = "cpu", macenko=None, progress: bool | None = None,
-                   num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def predict_labels(
+    model,
+    card,
+    labels: LabelSet,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    macenko=None,
+    progress: bool | None = None,
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(probs (N, K) float32, counts (N, C) float32) of ``model`` on every tile of ``labels``."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    ds = TileDataset(labels.with_classes(card.tissue_classes, card.cell_classes)
-                     if labels.tissue_classes != list(card.tissue_classes) else labels,
-                     card.tile_px, card.mpp_um, card.mean, card.std, None, 0, macenko)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
+    ds = TileDataset(
+        labels.with_classes(card.tissue_classes, card.cell_classes)
+        if labels.tissue_classes != list(card.tissue_classes)
+        else labels,
+        card.tile_px,
+        card.mpp_um,
+        card.mean,
+        card.std,
+        None,
+        0,
+        macenko,
+    )
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
     probs, counts = [], []
     with ProgressBar(len(ds), "evaluate", unit="tiles", enabled=progress) as bar:
         for x, _, _ in loader:
@@ -81,8 +100,9 @@ def predict_labels(model, card, labels: LabelSet, batch_size: int = 64,
     return p.astype(np.float32), c.astype(np.float32)
 
 
-def metrics_from_predictions(labels: LabelSet, card, probs: np.ndarray,
-                             counts: np.ndarray) -> dict[str, Any]:
+def metrics_from_predictions(
+    labels: LabelSet, card, probs: np.ndarray, counts: np.ndarray
+) -> dict[str, Any]:
     """Metrics of predictions against ``labels`` (already in the card's vocabulary)."""
     out: dict[str, Any] = {"n_tiles": len(labels)}
     cls = {c: i for i, c in enumerate(card.tissue_classes)}
@@ -98,9 +118,16 @@ def metrics_from_predictions(labels: LabelSet, card, probs: np.ndarray,
     return out
 
 
-def evaluate_labels(model, card, labels: LabelSet, batch_size: int = 64,
-                    device: torch.device | str = "cpu", macenko=None,
-                    progress: bool | None = None, loss_cfg=None) -> dict[str, Any]:
+def evaluate_labels(
+    model,
+    card,
+    labels: LabelSet,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    macenko=None,
+    progress: bool | None = None,
+    loss_cfg=None,
+) -> dict[str, Any]:
     """Metrics dict of ``model`` on ``labels`` (plus the mean loss when ``loss_cfg``)."""
     labels = labels.with_classes(card.tissue_classes, card.cell_classes)
     probs, counts = predict_labels(model, card, labels, batch_size, device, macenko, progress)
@@ -110,8 +137,13 @@ def evaluate_labels(model, card, labels: LabelSet, batch_size: int = 64,
 
         cls = {c: i for i, c in enumerate(card.tissue_classes)}
         y = torch.tensor([cls[s.label] if s.label is not None else -1 for s in labels.samples])
-        ct = torch.tensor([s.counts if s.counts is not None else [float("nan")] * card.n_cell
-                           for s in labels.samples], dtype=torch.float32).reshape(len(y), -1)
+        ct = torch.tensor(
+            [
+                s.counts if s.counts is not None else [float("nan")] * card.n_cell
+                for s in labels.samples
+            ],
+            dtype=torch.float32,
+        ).reshape(len(y), -1)
         o = {"tissue_logits": torch.log(torch.from_numpy(probs).clamp_min(1e-12))}
         if counts.shape[1]:
             o["cell_counts"] = torch.from_numpy(counts)
@@ -119,9 +151,15 @@ def evaluate_labels(model, card, labels: LabelSet, batch_size: int = 64,
     return m
 
 
-def evaluate(data: str | Path | LabelSet, model: Any, batch_size: int = 64,
-             device: str = "auto", progress: bool | None = None, split: str | None = None,
-             macenko_target: str | None = None) -> EvalResult:
+def evaluate(
+    data: str | Path | LabelSet,
+    model: Any,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool | None = None,
+    split: str | None = None,
+    macenko_target: str | None = None,
+) -> EvalResult:
     """Evaluate ``model`` (a LoadedModel, a model folder or a registry name) on ``data``
     (any label source; tiles are read at the card's tile size and MPP).
 
@@ -137,8 +175,9 @@ def evaluate(data: str | Path | LabelSet, model: Any, batch_size: int = 64,
     lm = model if isinstance(model, LoadedModel) else load_model(model, dev)
     lm.model.to(dev)
     card = lm.card
-    labels = load_labels(data, card.tile_px, card.mpp_um, classes=None, cell_classes=None,
-                         allow_empty_classes=True)
+    labels = load_labels(
+        data, card.tile_px, card.mpp_um, classes=None, cell_classes=None, allow_empty_classes=True
+    )
     labels = labels.with_classes(card.tissue_classes, card.cell_classes, what=f"model {card.name}")
     if split is not None:
         from tmequant.errors import InputError
@@ -154,5 +193,6 @@ def evaluate(data: str | Path | LabelSet, model: Any, batch_size: int = 64,
     macenko = MacenkoNormalizer(read_image(macenko_target)) if macenko_target else None
     probs, counts = predict_labels(lm.model, card, labels, batch_size, dev, macenko, progress)
     metrics = metrics_from_predictions(labels, card, probs, counts)
-    return EvalResult(metrics=metrics, probs=probs, counts=counts, labels=labels,
-                      model_name=card.name)
+    return EvalResult(
+        metrics=metrics, probs=probs, counts=counts, labels=labels, model_name=card.name
+    )

@@ -50,18 +50,34 @@ NCT_CRC_ROLES: dict[str, str] = {
 
 # Name fragments -> role, for class names of user data sets (checked in this order).
 _TISSUE_ROLE_HINTS: tuple[tuple[str, str], ...] = (
-    ("necro", "necrosis"), ("debris", "necrosis"),
-    ("background", "background"), ("glass", "background"), ("ignore", "background"),
-    ("tumo", "tumor"), ("carcinoma", "tumor"), ("cancer", "tumor"), ("neoplas", "tumor"),
-    ("lymph", "immune"), ("immune", "immune"), ("inflam", "immune"), ("tls", "immune"),
-    ("strom", "stroma"), ("muscle", "stroma"), ("fibro", "stroma"),
+    ("necro", "necrosis"),
+    ("debris", "necrosis"),
+    ("background", "background"),
+    ("glass", "background"),
+    ("ignore", "background"),
+    ("tumo", "tumor"),
+    ("carcinoma", "tumor"),
+    ("cancer", "tumor"),
+    ("neoplas", "tumor"),
+    ("lymph", "immune"),
+    ("immune", "immune"),
+    ("inflam", "immune"),
+    ("tls", "immune"),
+    ("strom", "stroma"),
+    ("muscle", "stroma"),
+    ("fibro", "stroma"),
 )
 # Lymphocytes and plasma cells together are `lymphocyte` (as TIGER does); histolytics and
 # PanNuke call them "inflammatory".
 _CELL_ROLE_HINTS: tuple[tuple[str, str], ...] = (
-    ("lymph", "lymphocyte"), ("plasma", "lymphocyte"), ("inflam", "lymphocyte"),
-    ("til", "lymphocyte"), ("immune", "lymphocyte"),
-    ("tumo", "tumor_cell"), ("neoplas", "tumor_cell"), ("cancer", "tumor_cell"),
+    ("lymph", "lymphocyte"),
+    ("plasma", "lymphocyte"),
+    ("inflam", "lymphocyte"),
+    ("til", "lymphocyte"),
+    ("immune", "lymphocyte"),
+    ("tumo", "tumor_cell"),
+    ("neoplas", "tumor_cell"),
+    ("cancer", "tumor_cell"),
     ("epithel", "tumor_cell"),
 )
 
@@ -159,11 +175,14 @@ class LabelSet:
         Raises InputError naming the labels the vocabulary does not know. Count columns
         are reordered to ``cell_classes``; ones the data lacks become NaN.
         """
-        unknown = sorted({s.label for s in self.samples if s.label is not None} - set(tissue_classes))
+        unknown = sorted(
+            {s.label for s in self.samples if s.label is not None} - set(tissue_classes)
+        )
         if unknown:
             raise InputError(
                 f"labels {unknown} are not classes of the {what} ({list(tissue_classes)}); "
-                "rename them or train a model with these classes", self.source or None,
+                "rename them or train a model with these classes",
+                self.source or None,
             )
         samples = self.samples
         if self.has_counts and list(cell_classes) != list(self.cell_classes):
@@ -172,27 +191,37 @@ class LabelSet:
                 log.warning("cell classes %s of the data are not in the %s; ignored", missing, what)
             pos = {c: i for i, c in enumerate(self.cell_classes)}
             samples = [
-                s if s.counts is None else replace(s, counts=tuple(
-                    s.counts[pos[c]] if c in pos else math.nan for c in cell_classes))
+                s
+                if s.counts is None
+                else replace(
+                    s,
+                    counts=tuple(s.counts[pos[c]] if c in pos else math.nan for c in cell_classes),
+                )
                 for s in self.samples
             ]
-        return replace(self, samples=samples, tissue_classes=list(tissue_classes),
-                       cell_classes=list(cell_classes))
+        return replace(
+            self,
+            samples=samples,
+            tissue_classes=list(tissue_classes),
+            cell_classes=list(cell_classes),
+        )
 
 
 # --------------------------------------------------------------------------------------
 # shared helpers
 
 
-def _roles_for(classes: Sequence[str], given: dict[str, str] | None, guess, vocab, what: str,
-               source: str) -> dict[str, str]:
+def _roles_for(
+    classes: Sequence[str], given: dict[str, str] | None, guess, vocab, what: str, source: str
+) -> dict[str, str]:
     given = dict(given or {})
     roles = {}
     for c in classes:
         role = given.get(c) or guess(c)
         if role not in vocab:
-            raise InputError(f"{what} role {role!r} of class {c!r} is not one of {list(vocab)}",
-                             source)
+            raise InputError(
+                f"{what} role {role!r} of class {c!r} is not one of {list(vocab)}", source
+            )
         roles[c] = role
     return roles
 
@@ -207,8 +236,9 @@ def _check_classes(found: Sequence[str], classes: Sequence[str] | None, source: 
     return list(classes)
 
 
-def _check_nonempty(samples: Sequence[Sample], classes: Sequence[str], source: str,
-                    allow_empty: bool) -> None:
+def _check_nonempty(
+    samples: Sequence[Sample], classes: Sequence[str], source: str, allow_empty: bool
+) -> None:
     if not samples:
         raise InputError("no labelled tiles found", source)
     present = {s.label for s in samples if s.label is not None}
@@ -250,7 +280,9 @@ def read_class_folders(
         raise InputError("not a folder of class sub-folders", root)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not subdirs:
-        raise InputError("no class sub-folders (expected one folder per class of tile images)", root)
+        raise InputError(
+            "no class sub-folders (expected one folder per class of tile images)", root
+        )
     names = [d.name for d in subdirs]
     cls = _check_classes(names, classes, str(root))
     pat = re.compile(patient_pattern) if patient_pattern else None
@@ -258,20 +290,24 @@ def read_class_folders(
     for d in subdirs:
         files = sorted(f for f in d.iterdir() if is_image_file(f))
         if not files and not allow_empty_classes:
-            raise InputError(f"class folder {d.name!r} has no images ({', '.join(IMAGE_SUFFIXES)})",
-                             d)
+            raise InputError(
+                f"class folder {d.name!r} has no images ({', '.join(IMAGE_SUFFIXES)})", d
+            )
         for f in files:
             pid = None
             if pat is not None:
                 m = pat.search(f.name)
                 pid = m.group(1) if m else None
-            samples.append(Sample(path=str(f.resolve()), label=d.name, slide_id=f.stem,
-                                  patient_id=pid))
+            samples.append(
+                Sample(path=str(f.resolve()), label=d.name, slide_id=f.stem, patient_id=pid)
+            )
     _check_nonempty(samples, cls, str(root), allow_empty_classes)
-    return LabelSet(samples=samples, tissue_classes=cls,
-                    tissue_roles=_roles_for(cls, roles, guess_tissue_role, TISSUE_ROLES, "tissue",
-                                            str(root)),
-                    source=str(root))
+    return LabelSet(
+        samples=samples,
+        tissue_classes=cls,
+        tissue_roles=_roles_for(cls, roles, guess_tissue_role, TISSUE_ROLES, "tissue", str(root)),
+        source=str(root),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -294,8 +330,11 @@ def read_csv_manifest(
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     if "path" not in header or "label" not in header:
-        raise InputError(f"manifest header {header} lacks 'path' and 'label' "
-                         "(expected path,label[,slide_id][,patient_id][,split])", p)
+        raise InputError(
+            f"manifest header {header} lacks 'path' and 'label' "
+            "(expected path,label[,slide_id][,patient_id][,split])",
+            p,
+        )
     samples: list[Sample] = []
     for i, row in enumerate(reader, start=2):
         row = {str(k).strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
@@ -312,15 +351,23 @@ def read_csv_manifest(
         split = row.get("split") or None
         if split is not None and split not in ("train", "val", "test"):
             raise InputError(f"line {i}: split {split!r} is not train, val or test", p)
-        samples.append(Sample(path=str(f.resolve()), label=label,
-                              slide_id=row.get("slide_id") or f.stem,
-                              patient_id=row.get("patient_id") or None, split=split))
+        samples.append(
+            Sample(
+                path=str(f.resolve()),
+                label=label,
+                slide_id=row.get("slide_id") or f.stem,
+                patient_id=row.get("patient_id") or None,
+                split=split,
+            )
+        )
     cls = _check_classes([s.label for s in samples if s.label], classes, str(p))
     _check_nonempty(samples, cls, str(p), allow_empty_classes)
-    return LabelSet(samples=samples, tissue_classes=cls,
-                    tissue_roles=_roles_for(cls, roles, guess_tissue_role, TISSUE_ROLES, "tissue",
-                                            str(p)),
-                    source=str(p))
+    return LabelSet(
+        samples=samples,
+        tissue_classes=cls,
+        tissue_roles=_roles_for(cls, roles, guess_tissue_role, TISSUE_ROLES, "tissue", str(p)),
+        source=str(p),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -456,8 +503,11 @@ def read_slide_annotations(
         feats = read_features(spec.annotations_path, _MAX_GEOJSON_BYTES)
         regions, pts, names = _split_features(feats, spec.annotations_path)
         if not any(c is not None for _, c in regions) and not len(pts):
-            raise InputError("no classified polygons or classified points/detections "
-                             "(set a classification in QuPath)", spec.annotations_path)
+            raise InputError(
+                "no classified polygons or classified points/detections "
+                "(set a classification in QuPath)",
+                spec.annotations_path,
+            )
         all_labels += [c for _, c in regions if c is not None]
         all_cells += names
         per_slide.append((spec, regions, pts, names))
@@ -477,8 +527,13 @@ def read_slide_annotations(
                 continue
             xy, cover = tile_boxes_in_region(geom, side, width, height, min_cover)
             if len(xy) == 0:
-                log.warning("%s: a %r polygon holds no tile of %.0f level-0 px (>= %.0f%% cover)",
-                            spec.annotations_path, c, side, 100 * min_cover)
+                log.warning(
+                    "%s: a %r polygon holds no tile of %.0f level-0 px (>= %.0f%% cover)",
+                    spec.annotations_path,
+                    c,
+                    side,
+                    100 * min_cover,
+                )
             for (x, y), cv in zip(map(tuple, xy), cover):
                 if (x, y) not in best or cv > best[(x, y)][0]:
                     best[(x, y)] = (float(cv), c)
@@ -491,23 +546,33 @@ def read_slide_annotations(
             cnt = count_points_in_boxes(xy, side, pts, pc, len(ccls))
             counts = {tuple(k): v for k, v in zip(map(tuple, xy), cnt)}
             if not counts:
-                log.warning("%s: no tile lies inside the annotated area; points unused",
-                            spec.annotations_path)
+                log.warning(
+                    "%s: no tile lies inside the annotated area; points unused",
+                    spec.annotations_path,
+                )
         for x, y in sorted(set(best) | set(counts), key=lambda t: (t[1], t[0])):
             label = best[(x, y)][1] if (x, y) in best else None
             cvec = counts.get((x, y))
-            samples.append(Sample(
-                path=str(Path(spec.slide_path).resolve()), label=label, slide_id=spec.slide_id,
-                patient_id=spec.patient_id, kind="slide", box=(float(x), float(y), float(side)),
-                counts=None if cvec is None else tuple(float(v) for v in cvec),
-                mpp_override_um=spec.mpp_override_um,
-            ))
+            samples.append(
+                Sample(
+                    path=str(Path(spec.slide_path).resolve()),
+                    label=label,
+                    slide_id=spec.slide_id,
+                    patient_id=spec.patient_id,
+                    kind="slide",
+                    box=(float(x), float(y), float(side)),
+                    counts=None if cvec is None else tuple(float(v) for v in cvec),
+                    mpp_override_um=spec.mpp_override_um,
+                )
+            )
     if cls:
         _check_nonempty(samples, cls, src, allow_empty_classes)
     elif not samples:
         raise InputError("no labelled tiles found inside the annotations", src)
     return LabelSet(
-        samples=samples, tissue_classes=cls, cell_classes=ccls,
+        samples=samples,
+        tissue_classes=cls,
+        cell_classes=ccls,
         tissue_roles=_roles_for(cls, roles, guess_tissue_role, TISSUE_ROLES, "tissue", src),
         cell_roles=_roles_for(ccls, cell_roles, guess_cell_role, CELL_ROLES, "cell", src),
         source=src,
@@ -549,9 +614,15 @@ def find_annotated_slides(data: str | Path) -> list[AnnotatedSlide]:
             if not q.is_file():
                 raise InputError(f"line {i}: {what} file {str(q)!r} not found", p)
         mpp = row.get("mpp") or None
-        out.append(AnnotatedSlide(str(sp), str(ap), row.get("slide_id") or slide_id_from_path(sp),
-                                  row.get("patient_id") or None,
-                                  float(mpp) if mpp else None))
+        out.append(
+            AnnotatedSlide(
+                str(sp),
+                str(ap),
+                row.get("slide_id") or slide_id_from_path(sp),
+                row.get("patient_id") or None,
+                float(mpp) if mpp else None,
+            )
+        )
     if not out:
         raise InputError("manifest lists no slides", p)
     return out
@@ -585,8 +656,15 @@ def load_labels(
     p = Path(data)
     if not p.exists():
         raise InputError("no such file or folder", p)
-    slide_kw: dict[str, Any] = dict(tile_px=tile_px, mpp_um=mpp_um, classes=classes, cell_classes=cell_classes,
-                    roles=roles, cell_roles=cell_roles, allow_empty_classes=allow_empty_classes)
+    slide_kw: dict[str, Any] = dict(
+        tile_px=tile_px,
+        mpp_um=mpp_um,
+        classes=classes,
+        cell_classes=cell_classes,
+        roles=roles,
+        cell_roles=cell_roles,
+        allow_empty_classes=allow_empty_classes,
+    )
     if p.is_dir():
         if any(d.is_dir() and not d.name.startswith(".") for d in p.iterdir()):
             return read_class_folders(p, classes, roles, allow_empty_classes)
@@ -603,7 +681,11 @@ def load_labels(
             s = p.with_suffix(suf)
             if s.is_file():
                 return read_slide_annotations(
-                    [AnnotatedSlide(str(s), str(p), slide_id_from_path(s))], **slide_kw)
+                    [AnnotatedSlide(str(s), str(p), slide_id_from_path(s))], **slide_kw
+                )
         raise InputError("no slide with the same name beside this GeoJSON", p)
-    raise InputError("not a label source: expected a folder of class folders, a CSV manifest, "
-                     "or slides with QuPath GeoJSON", p)
+    raise InputError(
+        "not a label source: expected a folder of class folders, a CSV manifest, "
+        "or slides with QuPath GeoJSON",
+        p,
+    )

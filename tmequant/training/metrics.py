@@ -16,8 +16,9 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return cm
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
-                           classes: Sequence[str]) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro F1, per-class precision/recall/F1/support.
 
     Balanced accuracy averages recall over classes present in ``y_true``; macro F1
@@ -42,8 +43,12 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
         "balanced_accuracy": float(np.nanmean(recall[present])) if present.any() else math.nan,
         "macro_f1": float(np.nanmean(f1[seen])) if seen.any() else math.nan,
         "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]),
-                "f1": float(f1[i]), "support": int(support[i])}
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, c in enumerate(classes)
         },
         "confusion_matrix": cm.tolist(),
@@ -71,8 +76,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return pearson(_rank(np.asarray(a, float)), _rank(np.asarray(b, float)))
 
 
-def count_metrics(true: np.ndarray, pred: np.ndarray, classes: Sequence[str],
-                  image_ids: Sequence[str] | None = None) -> dict[str, Any]:
+def count_metrics(
+    true: np.ndarray,
+    pred: np.ndarray,
+    classes: Sequence[str],
+    image_ids: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Per cell class: MAE, bias, Pearson and Spearman per tile, and per image (sums over an
     image's tiles) when ``image_ids`` are given. Rows with NaN truth are left out."""
     true, pred = np.asarray(true, float), np.asarray(pred, float)
@@ -93,11 +102,13 @@ def count_metrics(true: np.ndarray, pred: np.ndarray, classes: Sequence[str],
             uniq = sorted(set(ids))
             ts = np.array([t[ids == u].sum() for u in uniq])
             ps = np.array([p[ids == u].sum() for u in uniq])
-            m.update({
-                "n_images": len(uniq),
-                "mae_per_image": float(np.abs(ps - ts).mean()) if uniq else math.nan,
-                "pearson_per_image": pearson(ts, ps),
-                "spearman_per_image": spearman(ts, ps),
-            })
+            m.update(
+                {
+                    "n_images": len(uniq),
+                    "mae_per_image": float(np.abs(ps - ts).mean()) if uniq else math.nan,
+                    "pearson_per_image": pearson(ts, ps),
+                    "spearman_per_image": spearman(ts, ps),
+                }
+            )
         out[c] = m
     return out

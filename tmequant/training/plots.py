@@ -18,7 +18,9 @@ def _plt():
     return plt
 
 
-def plot_confusion(path: str | Path, cm: np.ndarray, classes: Sequence[str], title: str = "") -> Path:
+def plot_confusion(
+    path: str | Path, cm: np.ndarray, classes: Sequence[str], title: str = ""
+) -> Path:
     """Row-normalised confusion matrix (truth rows) with raw counts in each cell."""
     plt = _plt()
     cm = np.asarray(cm)
@@ -34,8 +36,15 @@ def plot_confusion(path: str | Path, cm: np.ndarray, classes: Sequence[str], tit
     for i in range(k):
         for j in range(k):
             if cm[i, j]:
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -57,7 +66,12 @@ def plot_curves(path: str | Path, history: list[dict[str, Any]], metric: str) ->
     vals = [h.get(key, np.nan) for h in history]
     if metric == "count_mae":
         vals = [-v for v in vals]  # stored negated (higher is better)
-    axes[1].plot(ep, vals, "o-")
+    if any(np.isfinite(v) for v in vals):
+        axes[1].plot(ep, vals, "o-")
+    else:
+        axes[1].text(
+            0.5, 0.5, "no validation split", ha="center", va="center", transform=axes[1].transAxes
+        )
     axes[1].set_title(f"validation {metric}")
     axes[2].plot(ep, [h.get("lr", np.nan) for h in history], "o-")
     axes[2].set_title("learning rate (end of epoch)")

@@ -53,13 +53,17 @@ def split_labels(
     every split's class mix approaches the whole set's. Deterministic for a given seed.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise InputError(f"val_fraction {val_fraction} + test_fraction {test_fraction} must be "
-                         "in [0, 1) each and sum below 1")
+        raise InputError(
+            f"val_fraction {val_fraction} + test_fraction {test_fraction} must be "
+            "in [0, 1) each and sum below 1"
+        )
     given = [s.split for s in labels.samples]
     level, groups = group_key(labels)
     if level == "file" and (val_fraction or test_fraction) and len(groups) > 1:
-        log.warning("no patient or slide ids: splitting by file, so tiles of one patient may "
-                    "land in two splits (give patient_id in a CSV manifest to prevent it)")
+        log.warning(
+            "no patient or slide ids: splitting by file, so tiles of one patient may "
+            "land in two splits (give patient_id in a CSV manifest to prevent it)"
+        )
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
@@ -75,8 +79,11 @@ def split_labels(
                 out[i] = split
     free = [g for g, idx in members.items() if out[idx[0]] is None]
     if free:
-        fracs = {"train": 1 - val_fraction - test_fraction, "val": val_fraction,
-                 "test": test_fraction}
+        fracs = {
+            "train": 1 - val_fraction - test_fraction,
+            "val": val_fraction,
+            "test": test_fraction,
+        }
         active = [s for s in SPLITS if fracs[s] > 0]
         total = np.sum([_class_vector(labels, members[g]) for g in free], axis=0)
         target = {s: fracs[s] * total for s in active}
@@ -90,7 +97,9 @@ def split_labels(
             for s in active:
                 lack = np.clip(target[s] - have[s], 0, None) / np.maximum(target[s], 1e-9)
                 # ties (e.g. classes seen once) go to the split lacking most tiles overall
-                overall = max(float(target[s].sum() - have[s].sum()), 0.0) / max(float(target[s].sum()), 1e-9)
+                overall = max(float(target[s].sum() - have[s].sum()), 0.0) / max(
+                    float(target[s].sum()), 1e-9
+                )
                 scores.append(float((lack * v).sum() / max(v.sum(), 1)) + 1e-3 * overall)
             s = active[int(np.argmax(scores))]
             have[s] += v
@@ -103,8 +112,7 @@ def split_labels(
                 out[i] = "val"
     result = [str(s) for s in out]
     check_no_leakage(labels, result)
-    log.info("split by %s: %s", level,
-             {s: result.count(s) for s in SPLITS if s in result})
+    log.info("split by %s: %s", level, {s: result.count(s) for s in SPLITS if s in result})
     return result
 
 
@@ -143,6 +151,9 @@ def read_split_csv(path: str | Path, labels: LabelSet) -> list[str]:
         by_key = {row["key"]: row["split"] for row in csv.DictReader(fh)}
     missing = [s.key for s in labels.samples if s.key not in by_key]
     if missing:
-        raise InputError(f"{len(missing)} tiles (e.g. {missing[0]!r}) are not in the saved split; "
-                         "the data changed since training started (start a new --out)", p)
+        raise InputError(
+            f"{len(missing)} tiles (e.g. {missing[0]!r}) are not in the saved split; "
+            "the data changed since training started (start a new --out)",
+            p,
+        )
     return [by_key[s.key] for s in labels.samples]

@@ -139,15 +139,23 @@ def _class_weights(labels: LabelSet, mode: str) -> torch.Tensor | None:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def compute_loss(out: dict[str, torch.Tensor], y: torch.Tensor, counts: torch.Tensor,
-                 cfg: TrainConfig, weight: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(
+    out: dict[str, torch.Tensor],
+    y: torch.Tensor,
+    counts: torch.Tensor,
+    cfg: TrainConfig,
+    weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """CE over labelled tiles + count loss over tiles with known counts (float32)."""
     parts: dict[str, float] = {}
     total = out["tissue_logits"].new_zeros((), dtype=torch.float32)
     has = y >= 0
     if has.any():
-        ce = F.cross_entropy(out["tissue_logits"][has].float(), y[has],
-                             weight=None if weight is None else weight.to(y.device))
+        ce = F.cross_entropy(
+            out["tissue_logits"][has].float(),
+            y[has],
+            weight=None if weight is None else weight.to(y.device),
+        )
         total = total + ce
         parts["ce"] = float(ce.detach())
     if "cell_counts" in out and counts.numel():
@@ -160,7 +168,9 @@ def compute_loss(out: dict[str, torch.Tensor], y: torch.Tensor, counts: torch.Te
             elif cfg.count_loss == "mse_log":
                 cl = F.mse_loss(torch.log1p(pred), torch.log1p(true))
             else:
-                raise InputError(f"count_loss must be 'poisson' or 'mse_log', not {cfg.count_loss!r}")
+                raise InputError(
+                    f"count_loss must be 'poisson' or 'mse_log', not {cfg.count_loss!r}"
+                )
             total = total + cfg.count_weight * cl
             parts["count"] = float(cl.detach())
     return total, parts
@@ -178,8 +188,9 @@ def _optimizer_to_safetensors(opt: torch.optim.Optimizer) -> tuple[dict[str, tor
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_safetensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                                meta: dict) -> None:
+def _optimizer_from_safetensors(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         _, pid, name = key.split(".", 2)
@@ -225,7 +236,9 @@ def load_checkpoint(folder: Path, model, opt) -> dict[str, Any]:
     load_state_into(model, load_file(str(folder / "model.safetensors")), folder)
     tensors = load_file(str(folder / OPTIM_FILE))
     rng = tensors.pop("rng.torch")
-    cuda_rng = [tensors.pop(k) for k in sorted(k for k in list(tensors) if k.startswith("rng.cuda."))]
+    cuda_rng = [
+        tensors.pop(k) for k in sorted(k for k in list(tensors) if k.startswith("rng.cuda."))
+    ]
     _optimizer_from_safetensors(opt, tensors, state["optimizer"])
     torch.set_rng_state(rng)
     if cuda_rng and torch.cuda.is_available():
@@ -252,8 +265,12 @@ def _init_weights(model, init_from: str) -> None:
     if n_fit_bb < n_bb:
         raise ModelError(f"only {n_fit_bb} of {n_bb} backbone tensors fit {model.card.arch}", p)
     model.load_state_dict(fit, strict=False)
-    log.info("initialised from %s (%d tensors, heads %s)", p, len(fit),
-             "kept" if len(fit) == len(own) else "new")
+    log.info(
+        "initialised from %s (%d tensors, heads %s)",
+        p,
+        len(fit),
+        "kept" if len(fit) == len(own) else "new",
+    )
 
 
 def _select(cfg: TrainConfig, labels: LabelSet) -> str:
@@ -271,8 +288,10 @@ def _score(metric: str, ev: dict[str, Any]) -> float:
         return -float(np.nanmean(maes)) if maes else math.nan
     if metric == "val_loss":
         return -float(ev.get("loss", math.nan))
-    raise InputError(f"select_metric {metric!r} is not one of balanced_accuracy, macro_f1, "
-                     "accuracy, count_mae, val_loss")
+    raise InputError(
+        f"select_metric {metric!r} is not one of balanced_accuracy, macro_f1, "
+        "accuracy, count_mae, val_loss"
+    )
 
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -295,18 +314,28 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 def build_card(cfg: TrainConfig, labels: LabelSet):
     from tmequant.models import ModelCard
 
-    name = cfg.name or "".join(ch if ch.isalnum() or ch in "._+-" else "_"
-                               for ch in Path(cfg.out).resolve().name)
+    name = cfg.name or "".join(
+        ch if ch.isalnum() or ch in "._+-" else "_" for ch in Path(cfg.out).resolve().name
+    )
     tissue = labels.tissue_classes or [COUNT_ONLY_CLASS]
     roles = labels.tissue_roles if labels.tissue_classes else {COUNT_ONLY_CLASS: "other_tissue"}
     desc = cfg.description or (
         f"Fine-tuned by tmequant train on {labels.source or 'user data'}"
-        + ("" if labels.tissue_classes else "; count-only: the tissue head has one class"))
+        + ("" if labels.tissue_classes else "; count-only: the tissue head has one class")
+    )
     return ModelCard(
-        name=name, arch=cfg.arch, tile_px=cfg.tile_px, mpp_um=cfg.mpp_um,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, tissue_classes=list(tissue), tissue_roles=roles,
-        cell_classes=list(labels.cell_classes), cell_roles=dict(labels.cell_roles),
-        description=desc, license="user data: see the data's licence",
+        name=name,
+        arch=cfg.arch,
+        tile_px=cfg.tile_px,
+        mpp_um=cfg.mpp_um,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        tissue_classes=list(tissue),
+        tissue_roles=roles,
+        cell_classes=list(labels.cell_classes),
+        cell_roles=dict(labels.cell_roles),
+        description=desc,
+        license="user data: see the data's licence",
     )
 
 
@@ -323,15 +352,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.resume and not resuming:
         log.info("no checkpoint in %s: starting from scratch", last_dir)
     if not cfg.resume and (last_dir / STATE_FILE).is_file():
-        raise InputError("holds a training run already; pass --resume to continue it or "
-                         "choose another --out", out)
+        raise InputError(
+            "holds a training run already; pass --resume to continue it or choose another --out",
+            out,
+        )
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
         raise InputError("batch_size and epochs must be >= 1 and lr > 0")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
 
-    labels = load_labels(cfg.data, cfg.tile_px, cfg.mpp_um, cfg.classes, cfg.cell_classes,
-                         cfg.roles, cfg.cell_roles, cfg.allow_empty_classes)
+    labels = load_labels(
+        cfg.data,
+        cfg.tile_px,
+        cfg.mpp_um,
+        cfg.classes,
+        cfg.cell_classes,
+        cfg.roles,
+        cfg.cell_roles,
+        cfg.allow_empty_classes,
+    )
     out.mkdir(parents=True, exist_ok=True)
     split_csv = out / "split.csv"
     if resuming and split_csv.is_file():
@@ -359,33 +398,57 @@ def train(cfg: TrainConfig) -> TrainResult:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     macenko = MacenkoNormalizer(read_image(cfg.macenko_target)) if cfg.macenko_target else None
-    ds = TileDataset(train_set, cfg.tile_px, cfg.mpp_um, card.mean, card.std, cfg.augment,
-                     cfg.seed, macenko)
+    if macenko is not None:
+        # The card has no field for it: `tmequant predict` feeds raw store tiles.
+        log.warning("Macenko normalisation applies to training (and evaluate(macenko_target=)) "
+                    "only; `tmequant predict` feeds raw tiles (target in training.config)")
+    ds = TileDataset(
+        train_set, cfg.tile_px, cfg.mpp_um, card.mean, card.std, cfg.augment, cfg.seed, macenko
+    )
     steps_per_epoch = _steps_per_epoch(len(train_set), cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     warmup = int(round(cfg.warmup_fraction * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
+        opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio)
+    )
     weight = _class_weights(train_set, cfg.class_weights)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     metric = _select(cfg, labels)
 
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "best_score": None, "best_step": -1,
-                             "best_epoch": -1, "bad_epochs": 0, "history": [],
-                             "stopped_early": False}
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "best_score": None,
+        "best_step": -1,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "history": [],
+        "stopped_early": False,
+    }
     if resuming:
         saved = json.loads((last_dir / STATE_FILE).read_text(encoding="utf-8")).get("config", {})
-        free = {"resume", "stop_after_steps", "progress", "device", "num_workers", "data", "out",
-                "eval_train_max"}
+        free = {
+            "resume",
+            "stop_after_steps",
+            "progress",
+            "device",
+            "num_workers",
+            "data",
+            "out",
+            "eval_train_max",
+        }
         now = to_jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg)})
         changed = sorted(k for k in now if k not in free and k in saved and saved[k] != now[k])
         if changed:
-            raise InputError(f"--resume with changed settings {changed}: the run would not be the "
-                             "one that was started (use the same options or a new --out)", out)
+            raise InputError(
+                f"--resume with changed settings {changed}: the run would not be the "
+                "one that was started (use the same options or a new --out)",
+                out,
+            )
         state = load_checkpoint(last_dir, model, opt)
         sched.last_epoch = state["step"]  # the optimizer state holds that step's learning rate
         if state.get("scaler"):
@@ -410,7 +473,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             batches = _batches(len(train_set), cfg.batch_size, cfg.seed, epoch)
             done_in_epoch = state["step"] - epoch * steps_per_epoch
             loader = torch.utils.data.DataLoader(
-                ds, batch_sampler=batches[done_in_epoch:], num_workers=cfg.num_workers)
+                ds, batch_sampler=batches[done_in_epoch:], num_workers=cfg.num_workers
+            )
             model.train()
             if cfg.linear_probe:
                 model.backbone.eval()  # frozen: keep BatchNorm statistics and no dropout
@@ -438,24 +502,40 @@ def train(cfg: TrainConfig) -> TrainResult:
                 # interrupted mid-epoch (stop_after_steps): save and leave, resumable
                 save_last()
                 break
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": state["step"],
-                                   "lr": float(opt.param_groups[0]["lr"]),
-                                   "train_loss": float(np.mean(losses)) if losses else math.nan}
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "lr": float(opt.param_groups[0]["lr"]),
+                "train_loss": float(np.mean(losses)) if losses else math.nan,
+            }
             if len(val_set):
-                ev = evaluate_labels(model, card, val_set, cfg.batch_size, device, macenko,
-                                     progress=False, loss_cfg=cfg)
+                ev = evaluate_labels(
+                    model,
+                    card,
+                    val_set,
+                    cfg.batch_size,
+                    device,
+                    macenko,
+                    progress=False,
+                    loss_cfg=cfg,
+                )
                 row["val_loss"] = ev.get("loss")
                 row[f"val_{metric}"] = score = _score(metric, ev)
             else:
                 score = -row["train_loss"]  # no validation split: keep the last model
             state["history"].append(row)
-            log.info("epoch %d: %s", epoch + 1,
-                     ", ".join(f"{k} {v:.4g}" for k, v in row.items()
-                               if isinstance(v, float) and k != "epoch"))
+            log.info(
+                "epoch %d: %s",
+                epoch + 1,
+                ", ".join(
+                    f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "epoch"
+                ),
+            )
             best = state["best_score"]
             if len(val_set) == 0 or best is None or (math.isfinite(score) and score > best):
-                state.update(best_score=score, best_step=state["step"], best_epoch=epoch + 1,
-                             bad_epochs=0)
+                state.update(
+                    best_score=score, best_step=state["step"], best_epoch=epoch + 1, bad_epochs=0
+                )
                 save_model(out, model, card)
             else:
                 state["bad_epochs"] += 1
@@ -477,49 +557,80 @@ def train(cfg: TrainConfig) -> TrainResult:
     from tmequant.models import load_folder
 
     best = load_folder(out, device)
-    metrics: dict[str, Any] = {"select_metric": metric, "best_epoch": state["best_epoch"],
-                               "best_step": state["best_step"], "steps": state["step"],
-                               "total_steps": total, "finished": finished,
-                               "stopped_early": state["stopped_early"]}
+    metrics: dict[str, Any] = {
+        "select_metric": metric,
+        "best_epoch": state["best_epoch"],
+        "best_step": state["best_step"],
+        "steps": state["step"],
+        "total_steps": total,
+        "finished": finished,
+        "stopped_early": state["stopped_early"],
+    }
     for split_name, subset in (("val", val_set), ("test", test_set)):
         if len(subset):
-            metrics[split_name] = evaluate_labels(best.model, best.card, subset, cfg.batch_size,
-                                                  device, macenko, progress=cfg.progress)
+            metrics[split_name] = evaluate_labels(
+                best.model,
+                best.card,
+                subset,
+                cfg.batch_size,
+                device,
+                macenko,
+                progress=cfg.progress,
+            )
     tr = train_set
     if cfg.eval_train_max <= 0:
         tr = train_set.subset([])
     elif len(tr) > cfg.eval_train_max:
-        pick = np.random.default_rng([cfg.seed, 99]).choice(len(tr), cfg.eval_train_max,
-                                                            replace=False)
+        pick = np.random.default_rng([cfg.seed, 99]).choice(
+            len(tr), cfg.eval_train_max, replace=False
+        )
         tr = tr.subset(sorted(pick.tolist()))
     if len(tr):
-        metrics["train"] = evaluate_labels(best.model, best.card, tr, cfg.batch_size, device,
-                                           macenko, progress=cfg.progress)
+        metrics["train"] = evaluate_labels(
+            best.model, best.card, tr, cfg.batch_size, device, macenko, progress=cfg.progress
+        )
     (out / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=1), encoding="utf-8")
     shown = metrics.get("val") or metrics.get("train") or {}
     if "tissue" in shown:
-        plot_confusion(out / "confusion_matrix.png", np.asarray(shown["tissue"]["confusion_matrix"]),
-                       shown["tissue"]["classes"],
-                       title=f"{card.name}: {'validation' if 'val' in metrics else 'training'} split")
+        plot_confusion(
+            out / "confusion_matrix.png",
+            np.asarray(shown["tissue"]["confusion_matrix"]),
+            shown["tissue"]["classes"],
+            title=f"{card.name}: {'validation' if 'val' in metrics else 'training'} split",
+        )
     plot_curves(out / "training_curves.png", state["history"], metric)
 
     # provenance and metrics into the card of the best model
     card = best.card
     card.training = {
-        "data": labels.source, "n_tiles": {s: len(v) for s, v in idx.items()},
-        "split_by": _split_level(labels), "config": cfg_json, "params_hash": params_hash(cfg_json),
+        "data": labels.source,
+        "n_tiles": {s: len(v) for s, v in idx.items()},
+        "split_by": _split_level(labels),
+        "config": cfg_json,
+        "params_hash": params_hash(cfg_json),
         "init": cfg.init_from or ("imagenet" if cfg.pretrained else "random"),
-        "steps": state["step"], "best_step": state["best_step"], "best_epoch": state["best_epoch"],
-        "device": device.type, "amp": use_amp, "package_version": package_version(),
-        "torch_version": torch.__version__, "wall_s": round(time.time() - t_start, 1),
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "best_epoch": state["best_epoch"],
+        "device": device.type,
+        "amp": use_amp,
+        "package_version": package_version(),
+        "torch_version": torch.__version__,
+        "wall_s": round(time.time() - t_start, 1),
         "finished": finished,
     }
     card.metrics = _card_metrics(metrics)
     card.save(out / "model.json")
-    return TrainResult(out_dir=out, card=card, metrics=metrics, history=state["history"],
-                       best_step=state["best_step"], steps=state["step"],
-                       stopped_early=state["stopped_early"],
-                       split_counts={s: len(v) for s, v in idx.items()})
+    return TrainResult(
+        out_dir=out,
+        card=card,
+        metrics=metrics,
+        history=state["history"],
+        best_step=state["best_step"],
+        steps=state["step"],
+        stopped_early=state["stopped_early"],
+        split_counts={s: len(v) for s, v in idx.items()},
+    )
 
 
 def _split_level(labels: LabelSet) -> str:

@@ -15,7 +15,7 @@ _MARGIN_PX = 2  # level pixels read around the box for bicubic upscaling
 
 
 def read_resampled(
-    slide: "Slide",
+    slide: Slide,
     level: int,
     box_level0: tuple[float, float, float, float],
     out_size: tuple[int, int],

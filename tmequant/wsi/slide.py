@@ -179,7 +179,7 @@ class Slide:
         self._b = backend
 
     # -- context manager ----------------------------------------------------------------
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -300,7 +300,7 @@ class _TiledTiffLevels:
             candidates = [lv.keyframe for lv in series_levels]
         else:
             candidates = list(self._tf.pages)
-        by_size = {}
+        by_size: dict[tuple[int, int], Any] = {}
         for page in candidates:
             if (page.is_tiled and page.bitspersample == 8 and page.samplesperpixel in (3, 4)
                     and page.planarconfig == 1 and page.photometric in (2, 6)
@@ -318,6 +318,7 @@ class _TiledTiffLevels:
         decode = self._decoders[level]
         tw, th = page.tilewidth, page.tilelength
         ntx = -(-page.imagewidth // tw)
+        tables = page.jpegtables
         out = np.empty((h, w, 3), np.uint8)
         offsets, counts = page.dataoffsets, page.databytecounts
         for ty in range(ly // th, (ly + h - 1) // th + 1):
@@ -330,7 +331,7 @@ class _TiledTiffLevels:
                     out[ys - ly : ye - ly, xs - lx : xe - lx] = 255
                     continue
                 data = os.pread(self._fd, counts[idx], offsets[idx])
-                tile = decode(data, idx, jpegtables=page.jpegtables)[0]
+                tile = decode(data, idx, jpegtables=tables)[0]
                 tile = tile.reshape(tile.shape[-3:])  # (th, tw, samples)
                 out[ys - ly : ye - ly, xs - lx : xe - lx] = tile[ys - y0 : ye - y0, xs - x0 : xe - x0, :3]
         return out
@@ -401,7 +402,7 @@ class _TiffBackend:
     def read_region(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         arr = self.levels[level]
         ds = self.ds[level]
-        lx, ly = int(math.floor(x0 / ds)), int(math.floor(y0 / ds))
+        lx, ly = math.floor(x0 / ds), math.floor(y0 / ds)
         H, W = arr.shape[0], arr.shape[1]
         if (self.fast is not None and level in self.fast.pages
                 and lx >= 0 and ly >= 0 and lx + w <= W and ly + h <= H):

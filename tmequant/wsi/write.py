@@ -12,8 +12,9 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -35,9 +36,10 @@ def _reader(image: ImageSource, shape: tuple[int, int] | None) -> tuple[RegionRe
     if len(image.shape) != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3) RGB, got shape {tuple(image.shape)}")
     h, w = int(image.shape[0]), int(image.shape[1])
+    arr: Any = image
 
     def read(y0: int, x0: int, hh: int, ww: int) -> np.ndarray:
-        return np.asarray(image[y0 : y0 + hh, x0 : x0 + ww, :3])
+        return np.asarray(arr[y0 : y0 + hh, x0 : x0 + ww, :3])
 
     return read, h, w
 
@@ -139,9 +141,7 @@ def write_pyramid_tiff(
 
     comp: Any = None if compression in (None, "none") else compression
     cargs: dict[str, Any] = {}
-    if comp == "jpeg":
-        cargs = {"level": int(quality)}
-    elif comp == "jpeg2000":
+    if comp == "jpeg" or comp == "jpeg2000":
         cargs = {"level": int(quality)}
     elif comp == "zlib":
         cargs = {"level": 6}
@@ -202,9 +202,8 @@ def write_pyramid_tiff(
                 if nxt is not None:
                     if isinstance(nxt, np.memmap):
                         nxt.flush()
-                    arr = nxt
-                    src_read = lambda y, x, hh, ww, a=arr: a[y : y + hh, x : x + ww]  # noqa: E731
-                    src_h, src_w = arr.shape[:2]
+                    src_read = _array_reader(nxt)
+                    src_h, src_w = nxt.shape[:2]
             if flavor == "svs":
                 for i, (name, img) in enumerate((associated or {}).items()):
                     img = np.ascontiguousarray(img, dtype=np.uint8)[..., :3]
@@ -218,6 +217,13 @@ def write_pyramid_tiff(
         except OSError:  # pragma: no cover - a memmap still open on some platforms
             pass
     return path
+
+
+def _array_reader(a: np.ndarray) -> RegionReader:
+    def read(y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        return a[y0 : y0 + h, x0 : x0 + w]
+
+    return read
 
 
 def _thumbnail(level: np.ndarray, max_px: int = 768) -> np.ndarray:

@@ -1,0 +1,162 @@
+"""`tmequant run`: serial batch with a bad slide, resume stage by stage, the output lock."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from test_run_helpers import tissue_cells, write_model, write_slides
+from tmequant.pipeline import OutputLockedError, output_lock, run_batch
+from tmequant.tiling.store import SlideStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("run_inputs")
+    paths = write_slides(d / "slides")
+    paths["model"] = write_model(d / "model")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def serial(inputs, tmp_path_factory) -> tuple[Path, int]:
+    """The CLI on S1, S2 and BAD (not a slide) into a fresh folder: (out, exit code)."""
+    from tmequant.cli import main
+
+    out = tmp_path_factory.mktemp("run_serial") / "out"
+    rc = main(["run", str(inputs["S1"]), str(inputs["S2"]), str(inputs["BAD"]), "--out", str(out),
+               "--model", str(inputs["model"]), "--workers", "1", "--device", "cpu"])
+    return out, rc
+
+
+def _read_failures(out: Path) -> list[dict[str, str]]:
+    with open(out / "failures.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_serial_run_outputs_and_bad_slide(serial, inputs):
+    out, rc = serial
+    assert rc == 1  # BAD failed; the others finished
+    fails = _read_failures(out)
+    assert [(f["slide_id"], f["stage"]) for f in fails] == [("BAD", "tile")]
+    assert "BAD.tif" in fails[0]["reason"]
+    cohort = pd.read_csv(out / "cohort.csv")
+    assert list(cohort["slide_id"]) == ["S1", "S2"]
+    assert list(cohort.columns[:1]) == ["slide_id"]
+    # the tiles are exactly the tissue cells of each slide
+    for sid in ("S1", "S2"):
+        store = SlideStore(out / "stores" / f"{sid}.zarr")
+        assert {tuple(rc_) for rc_ in store.grid.tolist()} == tissue_cells(sid)
+        row = cohort.set_index("slide_id").loc[sid]
+        assert row["n_tiles"] == len(tissue_cells(sid))
+        assert row["store_path"] == f"stores/{sid}.zarr"  # relative to the output folder
+        assert row["count_source"] == "nucleus_counter"  # the model has no count head
+        assert row["model_name"] == "tiny-run"
+        assert store.nuclei_counts() is not None and store.nuclei_counts().sum() > 0
+        rdir = out / "results" / sid
+        for name in ("biomarkers.json", "tls.csv", "arrays.npz", "done.json", f"{sid}.geojson.gz"):
+            assert (rdir / name).is_file(), name
+        for fig in ("thumbnail", "tissue_classes", "lymphocyte_density", "compartments"):
+            assert (out / "figures" / sid / f"{fig}.png").stat().st_size > 1000
+        assert json.loads((rdir / "biomarkers.json").read_text())["slide_id"] == sid
+    assert not (out / "results" / "BAD").exists()
+    html = (out / "report.html").read_text()
+    assert "S1" in html and "S2" in html and "BAD" in html
+    assert json.loads((out / "run.json").read_text())["slides"] == ["S1", "S2", "BAD"]
+    # no temporary file left behind anywhere
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    # the lock is released and its holder file removed
+    assert not (out / ".tmequant.lock.json").exists()
+
+
+def test_rerun_skips_finished_stages(serial, inputs):
+    out, _ = serial
+    before = (out / "cohort.csv").read_bytes()
+    geo = (out / "results" / "S1" / "S1.geojson.gz").read_bytes()
+    res = run_batch([inputs["S1"], inputs["S2"]], out, inputs["model"], device="cpu", workers=1,
+                    progress=False)
+    assert res.ok and sorted(res.slides) == ["S1", "S2"]
+    for run in res.slides.values():
+        assert {k: run.stages[k] for k in ("tile", "predict", "count", "biomarkers")} == dict.fromkeys(
+            ("tile", "predict", "count", "biomarkers"), "skipped"), run.slide_id
+        assert run.tiles_per_s == {}  # nothing was computed
+    assert (out / "cohort.csv").read_bytes() == before  # the cached results give the same table
+    assert (out / "results" / "S1" / "S1.geojson.gz").read_bytes() == geo
+    assert _read_failures(out) == []  # rewritten: the bad slide is no longer in this batch
+
+
+def test_resume_redoes_only_unfinished_stages(serial, inputs):
+    out, _ = serial
+    import zarr
+
+    before = pd.read_csv(out / "cohort.csv")
+    # S1: the nucleus counts as if killed mid-write (no completion marker); S2: its
+    # biomarker marker gone as if killed before it was written.
+    g = zarr.open_group(str(out / "stores" / "S1.zarr" / "nuclei"), mode="r+", zarr_format=3)
+    del g.attrs["complete"]
+    (out / "results" / "S2" / "done.json").unlink()
+    res = run_batch([inputs["S1"], inputs["S2"]], out, inputs["model"], device="cpu", workers=1,
+                    progress=False)
+    s1, s2 = res.slides["S1"], res.slides["S2"]
+    assert (s1.stages["tile"], s1.stages["predict"], s1.stages["count"]) == ("skipped", "skipped", "done")
+    assert s1.stages["biomarkers"] == "done"  # its input (the counts) changed marker
+    assert (s2.stages["tile"], s2.stages["predict"], s2.stages["count"]) == ("skipped",) * 3
+    assert s2.stages["biomarkers"] == "done"
+    pd.testing.assert_frame_equal(pd.read_csv(out / "cohort.csv"), before)
+
+
+def test_model_tiling_mismatch_stops_before_work(inputs, tmp_path):
+    from tmequant.errors import InputError
+    from tmequant.tiling import TilingParams
+
+    with pytest.raises(InputError, match="does not fit"):
+        run_batch([inputs["S1"]], tmp_path / "o", inputs["model"],
+                  tiling=TilingParams(target_mpp_um=0.5, tile_px=64), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tmequant", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_lock_second_run_stops_then_waits(inputs, tmp_path):
+    out = tmp_path / "out"
+    argv = _cli("run", str(inputs["S1"]), "--out", str(out), "--model", str(inputs["model"]),
+                "--device", "cpu", "--workers", "1")
+    with output_lock(out):  # this process holds the folder, as a running batch would
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+            with output_lock(out):
+                pass
+        p = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300)
+        assert p.returncode == 1
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1, p.stderr  # one clear line, no traceback
+        assert str(out) in lines[0] and f"pid {os.getpid()}" in lines[0] and "--wait" in lines[0]
+        assert not (out / "stores").exists()  # nothing was written
+        # --wait queues behind the holder and runs once it lets go
+        proc = subprocess.Popen([*argv, "--wait"], stderr=subprocess.PIPE, text=True, env=_env())
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "waiting for the run holding the folder" in line:
+                break
+        else:
+            pytest.fail("the --wait run did not report waiting: " + "".join(seen))
+        assert proc.poll() is None and not (out / "stores").exists()
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, rest
+    assert (out / "cohort.csv").is_file()

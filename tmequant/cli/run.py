@@ -1,0 +1,112 @@
+"""`tmequant run SLIDES... --out DIR --model NAME_OR_PATH`: the whole pipeline, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tmequant.cli._app import app, fail
+
+
+@app.command("run")
+def run_cmd(
+    slides: List[str] = typer.Argument(
+        ..., help="Slide files, folders, glob patterns or a CSV manifest (slide_id,path[,mpp])."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (cohort tables, report, stores, per-slide results)."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Model folder, registered name (`tmequant models list`) or hf-hub:org/name."),
+    cells_dir: Optional[Path] = typer.Option(
+        None, "--cells-dir", help="Folder of cell tables <slide_id>.geojson|.geojson.gz|.csv|.parquet "
+        "(x, y in level-0 px, class); they replace model/counter counts for their slide."),
+    params: Optional[Path] = typer.Option(
+        None, "--params", help="TOML/YAML parameters file with biomarkers, nucleus_counter and tiling sections."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="Target pixel size of the tiles, um/px (default: the model card's; 0.5 for the built-ins)."),
+    tile_px: Optional[int] = typer.Option(
+        None, "--tile-px", help="Tile side in pixels at --mpp (default: the model card's; 224 for the built-ins)."),
+    mpp_override: Optional[float] = typer.Option(
+        None, "--mpp-override", help="Level-0 pixel size, um/px, for slides whose file lacks it (or is wrong); "
+        "a manifest `mpp` column wins per slide. Range 0.05-20."),
+    counter: str = typer.Option(
+        "on", "--counter", help="Nucleus counter (lymphocyte counts per tile) when the model has no count "
+        "head and no cell table is given: on or off.", show_default=True),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", "-b", help="Tiles per inference batch (default: 32 on CPU, 256 on CUDA; halved on out-of-memory)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-j", help="Reader threads per slide for tiling and counting (default: min(4, CPUs))."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Dask scheduler address (tcp://host:8786): slides run on its workers; "
+        "inference on workers started with --resources GPU=1 when there are any."),
+    local_workers: Optional[int] = typer.Option(
+        None, "--local-workers", help="Start a local Dask cluster of N worker processes for the slides."),
+    wait: bool = typer.Option(
+        False, "--wait", help="If another run holds --out, wait for it instead of stopping."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo stages whose stored results were made with other parameters."),
+    title: Optional[str] = typer.Option(None, "--title", help="Title of the HTML report."),
+) -> None:
+    """Tile, predict, count and compute biomarkers for every slide, then the cohort report.
+
+    Resumable: a rerun with the same settings skips the finished stages of every slide.
+
+    One failing slide never stops the others: failures.csv names each with its stage and reason, and the exit code is 1 when any slide failed.
+
+    Writes cohort.csv/.parquet, tls.csv/.parquet, report.html and figures/ in --out, the slide stores in stores/ and per-slide results with QuPath GeoJSON in results/.
+    """
+    from dataclasses import replace
+
+    from tmequant.errors import InputError
+    from tmequant.inputs import expand_slides, parse_mpp
+    from tmequant.params import (
+        biomarker_params_from_file, dataclass_from_mapping, load_params_file,
+        nucleus_counter_params_from_file,
+    )
+    from tmequant.pipeline import get_model, run_batch
+    from tmequant.tiling.tile import TilingParams
+
+    if counter not in ("on", "off"):
+        fail(f"--counter {counter!r}: use on or off", 2)
+    if mpp_override is not None:
+        parse_mpp(str(mpp_override), "--mpp-override")
+    for name, v, lo in (("--batch-size", batch_size, 1), ("--workers", workers, 1),
+                        ("--local-workers", local_workers, 1)):
+        if v is not None and v < lo:
+            fail(f"{name} must be >= {lo}", 2)
+    if scheduler and local_workers:
+        fail("give --scheduler or --local-workers, not both", 2)
+    if cells_dir is not None and not cells_dir.is_dir():
+        fail(f"{cells_dir}: --cells-dir is not a folder", 2)
+    # Every usage problem (params file, slides, model) stops here, before any work.
+    bp = biomarker_params_from_file(params)
+    ncp = nucleus_counter_params_from_file(params) if counter == "on" else False
+    sections = load_params_file(params) if params is not None else {}
+    specs = expand_slides(slides, mpp_override_um=mpp_override)
+    card = get_model(model).card
+    base = TilingParams(target_mpp_um=card.mpp_um, tile_px=card.tile_px)
+    if "tiling" in sections:
+        base = dataclass_from_mapping(TilingParams, sections["tiling"], params or "<params>", "tiling",
+                                      base=base)
+    try:
+        tiling = replace(base, **{k: v for k, v in (("target_mpp_um", mpp), ("tile_px", tile_px))
+                                  if v is not None})
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+    res = run_batch(specs, out, model, tiling=tiling, params=bp, counter=ncp, cells_dir=cells_dir,
+                    device=device, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                    local_workers=local_workers, overwrite=overwrite, wait=wait, progress=None,
+                    title=title)
+    n_ok, n_bad = len(res.outcomes), len(res.failures)
+    typer.echo(f"run: {n_ok} slides finished, {n_bad} failed in {res.seconds:.1f} s", err=True)
+    for f in res.failures:
+        typer.echo(f"  FAILED {f.item_id} [{f.stage}]: {f.reason}", err=True)
+    if res.cohort_csv is not None:
+        typer.echo(f"cohort table: {res.cohort_csv}", err=True)
+    if res.report_html is not None:
+        typer.echo(f"report: {res.report_html}", err=True)
+    if n_bad:
+        typer.echo(f"failures: {res.failures_csv}", err=True)
+        raise typer.Exit(1)
