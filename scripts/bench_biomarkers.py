@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("bench_biomarkers.json"))
     a = ap.parse_args()
 
-    from tmequant.biomarkers import cell_roles, compute_biomarkers, read_cell_table
+    from tmequant.biomarkers import BiomarkerParams, cell_roles, compute_biomarkers, read_cell_table
 
     grid, cells = synthetic(a.tiles, a.cells)
     tmp = Path("bench_cells.parquet")
@@ -68,6 +68,8 @@ def main() -> None:
     rows = {
         "grid only (model counts)": best_of(lambda: compute_biomarkers(grid), a.repeat),
         "grid + cell table (in memory)": best_of(lambda: compute_biomarkers(grid, cells=cells), a.repeat),
+        "  same, tile compartments only": best_of(lambda: compute_biomarkers(
+            grid, cells=cells, params=BiomarkerParams(cell_compartments=False)), a.repeat),
         "cell roles only": best_of(lambda: cell_roles(cells["class"]), a.repeat),
         "read_cell_table (parquet x,y)": best_of(lambda: read_cell_table(tmp), a.repeat),
     }

@@ -4,21 +4,28 @@ Two paths over the same slide:
 - reference ("cell-table path" at polygon resolution): tissue polygons painted on an 8 um
   (16 px) raster; each nucleus centroid takes the class of its raster pixel; densities are
   lymphocytes in a tissue class inside the tumour bulk / that class's area inside the bulk.
+  The reference never looks at the tumour cells: it is the annotators' polygons.
 - tile path: the same polygons rasterised onto a 112 um grid (224 px at 0.5 um/px), each
   tile labelled with its majority class (one-hot, as a tile classifier would), tissue
   fraction = covered share; counts from the cell table binned on the tiles;
-  compute_biomarkers with default parameters.
+  compute_biomarkers with default parameters. Because the cell table has tumour cells, the
+  default splits epithelium / stroma inside the bulk by the cells (``compartment_resolution``
+  ``cell``, tmequant/biomarkers/cellular.py: 16 um pixels, tumour-cell share of the
+  non-lymphocyte nuclei smoothed with sigma 24 um); ``cell_compartments=False`` gives the
+  plain tile resolution.
 The pixel size of this data is not published: 0.5 um/px is assumed (README of testdata).
 
 Where the tolerances come from: a 112 um tile that straddles a tumour/stroma border is all
 one class, so each path's compartment differs by the border tiles' minority share. On this
 slide that is ~1 pp of area, hence composition within 2 pp. Stromal TIL density is ~12x the
-intratumoural one, so the few % of stroma inside tumour-majority border tiles barely move
-the stromal density (measured 1.5%; bound 10%) but inflate the intratumoural one
-(measured +27%): at a 112 um grid, intratumoural density cannot meet 10% on a slide whose
-stroma is this much denser. We assert the 10% the issue asks where it holds, and for the
-intratumoural density (a) exact agreement (1%) with an independent count over the very same
-tiles, and (b) the known direction and a 35% bound of the border bias against the polygons.
+intratumoural one, so at tile resolution the few % of stroma inside tumour-majority border
+tiles barely move the stromal density (-1.5%) but inflate the intratumoural one (+27%).
+Splitting the tiles by the cells removes that bias: intratumoural -1.1%, stromal -5.3%
+against the polygons (the cells' nests are tighter than hand-drawn polygons, so some lymphocyte-
+poor polygon tumour lands in stroma). Both are inside the issue's 10%; sensitivity on this
+slide: sigma 16 / 32 um gives intratumoural -3.6% / +3.5%, stromal -10.7% / -2.0%. The tile
+path keeps its own checks: exact agreement (1%) with an independent count over the very same
+tiles, and the known direction and a 35% bound of its border bias.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import pytest
 import shapely
 from conftest import shared_path
 
-from tmequant.biomarkers import TileGrid, cell_roles, compute_biomarkers, read_cell_table
+from tmequant.biomarkers import BiomarkerParams, TileGrid, cell_roles, compute_biomarkers, read_cell_table
 
 MPP = 0.5
 TILE_UM = 112.0
@@ -70,7 +77,8 @@ def slide():
                     role_probs={r: (hard == i).astype(float) for i, r in enumerate(ROLES)},
                     tissue_fraction=tot[rr, cc])
     res = compute_biomarkers(grid, cells=cells)
-    return {"cells": cells, "fine": fine, "k": k, "res": res, "grid": grid}
+    res_tile = compute_biomarkers(grid, cells=cells, params=BiomarkerParams(cell_compartments=False))
+    return {"cells": cells, "fine": fine, "k": k, "res": res, "res_tile": res_tile, "grid": grid}
 
 
 def test_composition_within_2pp(slide):
@@ -100,14 +108,28 @@ def _reference_density(slide, cls_index: int) -> float:
 
 
 def test_stromal_til_density_within_10pct(slide):
-    r = slide["res"].row
-    assert r["count_source"] == "cell_table" and r["bulk_area_mm2"] > 10
     ref = _reference_density(slide, ROLES.index("stroma"))
-    assert r["til_density_stromal_per_mm2"] == pytest.approx(ref, rel=0.10)
+    for key, resolution in (("res", "cell"), ("res_tile", "tile")):
+        r = slide[key].row
+        assert r["count_source"] == "cell_table" and r["bulk_area_mm2"] > 10
+        assert r["compartment_resolution"] == resolution
+        assert r["til_density_stromal_per_mm2"] == pytest.approx(ref, rel=0.10), resolution
 
 
-def test_intratumoral_til_density(slide):
-    res, grid, cells = slide["res"], slide["grid"], slide["cells"]
+def test_intratumoral_til_density_within_10pct(slide):
+    r = slide["res"].row
+    assert r["compartment_resolution"] == "cell"
+    ref = _reference_density(slide, ROLES.index("tumor"))
+    assert r["til_density_intratumoral_per_mm2"] == pytest.approx(ref, rel=0.10)
+    # the split only moves tissue and lymphocytes between the two compartments
+    t = slide["res_tile"].row
+    for k in ("epithelium_area_mm2", "lymphocytes_intratumoral"):
+        other = k.replace("epithelium", "tumor_stroma").replace("intratumoral", "stromal")
+        assert r[k] + r[other] == pytest.approx(t[k] + t[other], rel=1e-9)
+
+
+def test_tile_resolution_intratumoral_border_bias(slide):
+    res, grid, cells = slide["res_tile"], slide["grid"], slide["cells"]
     tile_path = res.row["til_density_intratumoral_per_mm2"]
     # (a) independent count over the same epithelium tiles: exact up to float noise
     epi = res.compartments.tiles("epithelium")

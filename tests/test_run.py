@@ -160,3 +160,24 @@ def test_lock_second_run_stops_then_waits(inputs, tmp_path):
     rest = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, rest
     assert (out / "cohort.csv").is_file()
+
+
+def test_dask_local_cluster_matches_serial(serial, inputs, tmp_path):
+    """A real LocalCluster of two worker processes: the same cohort table, byte for byte."""
+    pytest.importorskip("distributed")
+    out_serial, _ = serial
+    out = tmp_path / "dask"
+    res = run_batch([inputs["S1"], inputs["S2"], inputs["BAD"]], out, inputs["model"], device="cpu",
+                    workers=1, local_workers=2, progress=False)
+    assert [(f.item_id, f.stage) for f in res.failures] == [("BAD", "tile")]
+    assert sorted(r.slide_id for r in res.outcomes) == ["S1", "S2"]
+    for run in res.outcomes:
+        assert run.stages["tile"] == run.stages["predict"] == run.stages["biomarkers"] == "done"
+    assert (out / "cohort.csv").read_bytes() == (out_serial / "cohort.csv").read_bytes()
+    assert (out / "tls.csv").read_bytes() == (out_serial / "tls.csv").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "cohort.parquet"),
+                                  pd.read_parquet(out_serial / "cohort.parquet"))
+    for sid in ("S1", "S2"):  # the QuPath files too (deterministic ids, gzip without a time)
+        name = f"results/{sid}/{sid}.geojson.gz"
+        assert (out / name).read_bytes() == (out_serial / name).read_bytes()
+    assert [(f["slide_id"], f["stage"]) for f in _read_failures(out)] == [("BAD", "tile")]

@@ -18,8 +18,33 @@ from tmequant.cli import predict as _predict  # noqa: F401,E402
 from tmequant.cli import models as _models  # noqa: F401,E402
 from tmequant.cli import train as _train  # noqa: F401,E402
 from tmequant.cli import run as _run  # noqa: F401,E402
+from tmequant.cli import demo as _demo  # noqa: F401,E402
 
 __all__ = ["app", "main"]
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage-error and abort classes: typer vendors its own click, so take both."""
+    mods = []
+    try:
+        import typer._click as vendored  # typer >= 0.22 ships click inside
+
+        mods.append(vendored)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import click
+
+        mods.append(click)
+    except ImportError:  # pragma: no cover
+        pass
+    usage = tuple(c for m in mods if (c := getattr(m.exceptions, "ClickException", None)))
+    abort = tuple(c for m in mods if (c := getattr(m.exceptions, "Abort", None)))
+    import typer
+
+    if hasattr(typer, "Abort"):
+        abort += (typer.Abort,)
+    return usage, abort
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,16 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors, and anything unexpected: one line, never a traceback
+        click_exc, abort_exc = _click_exception_types()
+        if isinstance(e, click_exc):
             e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+            return int(getattr(e, "exit_code", 2))
+        if isinstance(e, abort_exc):
             print("aborted", file=sys.stderr)
             return 130
-        raise
+        import logging
+
+        from tmequant.batch import one_line_reason
+
+        logging.getLogger("tmequant").debug("unexpected error", exc_info=True)
+        print(f"error: {one_line_reason(e)} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -59,11 +59,17 @@ def predict_cmd(
         False, "--allow-mismatch", help="Run even when the store's MPP or tile size differs from the model card."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo predictions made with other parameters (or finished ones)."),
+    counter: str = typer.Option(
+        "on", "--counter", help="Weight-free nucleus counter (lymphocyte counts per tile): on or off."),
+    params_file: Path | None = typer.Option(
+        None, "--params", help="TOML/YAML parameters file; its [nucleus_counter] section is used."),
 ) -> None:
     """Predict tissue classes (and cell counts) for every tile of each store.
 
-    Writes predictions/<model_name> into each store; re-running skips finished stores and an
-    interrupted one resumes from its last finished chunk.
+    Writes predictions/<model_name> into each store and, unless --counter off, the nucleus
+    counter's nuclei/counts (lymphocyte and other nuclei per tile), the default count source
+    when the model has no count head. Re-running skips finished work and an interrupted
+    store resumes from its last finished chunk.
     """
     from tmequant.batch import run_per_slide
     from tmequant.inference import predict_store, resolve_device
@@ -73,15 +79,27 @@ def predict_cmd(
         fail("--batch-size must be >= 1", 2)
     if workers is not None and workers < 0:
         fail("--workers must be >= 0", 2)
+    if counter not in ("on", "off"):
+        fail("--counter must be on or off", 2)
+    counter_params = None
+    if counter == "on":
+        from tmequant.params import nucleus_counter_params_from_file
+
+        counter_params = nucleus_counter_params_from_file(params_file)
     dev = resolve_device(device)  # InputError (exit 2) before any work
     paths = expand_stores(stores)
     loaded = load_model(model, device="cpu")  # moved to the device once, by the engine
-    batch = run_per_slide(
-        paths,
-        lambda p: predict_store(p, loaded, device=dev, batch_size=batch_size, num_workers=workers,
-                                compile=compile, allow_mismatch=allow_mismatch, overwrite=overwrite,
-                                progress=None),  # None: follows --quiet
-        item_id=store_id, stage="predict")
+    def one(p: str):
+        r = predict_store(p, loaded, device=dev, batch_size=batch_size, num_workers=workers,
+                          compile=compile, allow_mismatch=allow_mismatch, overwrite=overwrite,
+                          progress=None)  # None: follows --quiet
+        if counter_params is not None:
+            from tmequant.inference.nuclei import count_store
+
+            count_store(p, counter_params, overwrite=overwrite, progress=None)
+        return r
+
+    batch = run_per_slide(paths, one, item_id=store_id, stage="predict")
     for sid, r in batch.results.items():
         what = "already complete" if r.skipped else (
             f"{r.tiles_per_s:.1f} tiles/s ({r.device}, {r.precision}, batch {r.batch_size}"

@@ -11,9 +11,21 @@ from tmequant.inference.engine import (
     resolve_device,
     weights_digest,
 )
+from tmequant.inference.nuclei import (
+    CountResult,
+    NucleusCounterParams,
+    count_store,
+    count_tiles,
+    detect_nuclei,
+)
 
 __all__ = [
+    "CountResult",
+    "NucleusCounterParams",
     "PredictResult",
+    "count_store",
+    "count_tiles",
+    "detect_nuclei",
     "autocast_dtype",
     "check_compatible",
     "predict_store",

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tmequant._faults import checkpoint
 from tmequant.report.html import write_html_report
 from tmequant.report.slide import slide_figures, slide_section
 from tmequant.report.tables import CSV_FLOAT_FORMAT, write_cohort_table
@@ -127,6 +128,7 @@ def write_cohort_report(
             figs, notes = {}, notes + (f"pictures not drawn: {type(exc).__name__}: {exc}",)
         figures[sid] = {k: Path(v) for k, v in figs.items()}  # type: ignore[arg-type]
         sections.append(slide_section(sid, row, figs, notes))
+        checkpoint("report")  # tests: a kill between pictures and the HTML report
 
     failures = list(failures)
     slide_pages: dict[str, Path] = {}
