@@ -36,7 +36,13 @@ import pytest
 import shapely
 from conftest import shared_path
 
-from tmequant.biomarkers import BiomarkerParams, TileGrid, cell_roles, compute_biomarkers, read_cell_table
+from tmequant.biomarkers import (
+    BiomarkerParams,
+    TileGrid,
+    cell_roles,
+    compute_biomarkers,
+    read_cell_table,
+)
 
 MPP = 0.5
 TILE_UM = 112.0

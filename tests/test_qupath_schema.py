@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zipfile
 import math
 import uuid
 from pathlib import Path
@@ -92,10 +93,11 @@ def _rings(geom: dict) -> list[list[list[float]]]:
 
 def test_feature_collection_field_by_field(slide, tmp_path):
     store, res = slide
-    path = write_slide_geojson(tmp_path / "Q1.geojson.gz", store, "m", res, gzip=True)
-    raw = path.read_bytes()
-    assert raw[:2] == b"\x1f\x8b"  # gzip; QuPath imports .geojson.gz? no: users gunzip, or we say so
-    doc = json.loads(gzip.decompress(raw))
+    # QuPath's importer (PathIO.readObjects) reads .geojson/.json and .zip archives of them
+    path = write_slide_geojson(tmp_path / "Q1.geojson.zip", store, "m", res)
+    with zipfile.ZipFile(path) as zf:
+        assert zf.namelist() == ["Q1.geojson"]
+        doc = json.loads(zf.read("Q1.geojson"))
     assert set(doc) == {"type", "features"} and doc["type"] == "FeatureCollection"
     feats = doc["features"]
     ids = set()
@@ -145,8 +147,14 @@ def test_feature_collection_field_by_field(slide, tmp_path):
         by_name.setdefault(f["properties"]["classification"]["name"], []).append(f)
     assert set(by_name) == {"Tumor bulk", "Invasive margin", "TLS"}
     bulk = shapely.union_all([shape(f["geometry"]) for f in by_name["Tumor bulk"]])
-    tumor_box = shapely.box(4 * TILE, 4 * TILE, 14 * TILE, 14 * TILE)
-    assert bulk.equals(tumor_box)  # a solid 10 x 10 tile block stays itself
+    # the bulk raster's cells, one box each, placed by the compartments' grid origin
+    comp = res.compartments
+    rs, cs = np.nonzero(comp.bulk)
+    r0, c0 = comp.origin
+    cells = shapely.union_all([shapely.box((c + c0) * TILE, (r + r0) * TILE, (c + c0 + 1) * TILE,
+                                           (r + r0 + 1) * TILE) for r, c in zip(rs, cs)])
+    assert bulk.equals(cells)
+    assert bulk.within(shapely.box(4 * TILE, 4 * TILE, 14 * TILE, 14 * TILE))  # inside the tumour
     for f in by_name["Tumor bulk"] + by_name["Invasive margin"]:
         assert f["properties"]["measurements"]["Area um^2"] == pytest.approx(shape(f["geometry"]).area)
     assert sum(f["properties"]["measurements"]["Area um^2"] for f in by_name["Tumor bulk"]) == \
@@ -162,16 +170,20 @@ def test_feature_collection_field_by_field(slide, tmp_path):
 
 def test_geojson_reads_back_and_is_deterministic(slide, tmp_path):
     store, res = slide
-    a = write_slide_geojson(tmp_path / "a.geojson", store, "m", res, gzip=False)
-    b = write_slide_geojson(tmp_path / "b.geojson", store, "m", res, gzip=False)
+    a = write_slide_geojson(tmp_path / "a.geojson", store, "m", res)
+    b = write_slide_geojson(tmp_path / "b.geojson", store, "m", res)
     assert a.read_bytes() == b.read_bytes()
     feats = read_features(a)  # our own QuPath reader (also reads QuPath's exports)
     assert [f.object_type for f in feats].count("tile") == store.n_tiles
     assert {f.classification for f in feats if f.object_type == "annotation"} == \
         {"Tumor bulk", "Invasive margin", "TLS"}
-    gz1 = write_slide_geojson(tmp_path / "a.geojson.gz", store, "m", res).read_bytes()
-    gz2 = write_slide_geojson(tmp_path / "b.geojson.gz", store, "m", res).read_bytes()
-    assert gz1 == gz2  # no time stamp or file name in the gzip header
+    for suffix in (".geojson.zip", ".geojson.gz"):  # no time stamps inside: identical bytes
+        z1 = write_slide_geojson(tmp_path / f"a{suffix}", store, "m", res).read_bytes()
+        z2 = write_slide_geojson(tmp_path / "again" / f"a{suffix}", store, "m", res).read_bytes()
+        assert z1 == z2
+    assert gzip.decompress((tmp_path / "a.geojson.gz").read_bytes()) == a.read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.geojson.zip") as zf:
+        assert zf.read("a.geojson") == a.read_bytes()
 
 
 def test_non_finite_measurements_are_left_out(slide):

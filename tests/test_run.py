@@ -63,7 +63,7 @@ def test_serial_run_outputs_and_bad_slide(serial, inputs):
         assert row["model_name"] == "tiny-run"
         assert store.nuclei_counts() is not None and store.nuclei_counts().sum() > 0
         rdir = out / "results" / sid
-        for name in ("biomarkers.json", "tls.csv", "arrays.npz", "done.json", f"{sid}.geojson.gz"):
+        for name in ("biomarkers.json", "tls.csv", "arrays.npz", "done.json", f"{sid}.geojson.zip"):
             assert (rdir / name).is_file(), name
         for fig in ("thumbnail", "tissue_classes", "lymphocyte_density", "compartments"):
             assert (out / "figures" / sid / f"{fig}.png").stat().st_size > 1000
@@ -81,7 +81,10 @@ def test_serial_run_outputs_and_bad_slide(serial, inputs):
 def test_rerun_skips_finished_stages(serial, inputs):
     out, _ = serial
     before = (out / "cohort.csv").read_bytes()
-    geo = (out / "results" / "S1" / "S1.geojson.gz").read_bytes()
+    geo = (out / "results" / "S1" / "S1.geojson.zip").read_bytes()
+    pngs = sorted((out / "figures").rglob("*.png"))
+    assert len(pngs) == 8
+    stamps = [p.stat().st_mtime_ns for p in pngs]
     res = run_batch([inputs["S1"], inputs["S2"]], out, inputs["model"], device="cpu", workers=1,
                     progress=False)
     assert res.ok and sorted(res.slides) == ["S1", "S2"]
@@ -90,7 +93,8 @@ def test_rerun_skips_finished_stages(serial, inputs):
             ("tile", "predict", "count", "biomarkers"), "skipped"), run.slide_id
         assert run.tiles_per_s == {}  # nothing was computed
     assert (out / "cohort.csv").read_bytes() == before  # the cached results give the same table
-    assert (out / "results" / "S1" / "S1.geojson.gz").read_bytes() == geo
+    assert (out / "results" / "S1" / "S1.geojson.zip").read_bytes() == geo
+    assert [p.stat().st_mtime_ns for p in pngs] == stamps  # pictures reused, not redrawn
     assert _read_failures(out) == []  # rewritten: the bad slide is no longer in this batch
 
 
@@ -163,21 +167,35 @@ def test_lock_second_run_stops_then_waits(inputs, tmp_path):
 
 
 def test_dask_local_cluster_matches_serial(serial, inputs, tmp_path):
-    """A real LocalCluster of two worker processes: the same cohort table, byte for byte."""
-    pytest.importorskip("distributed")
+    """A real LocalCluster of two worker processes, one declaring a GPU: the same cohort table,
+    byte for byte, and every predict task on the GPU worker."""
+    distributed = pytest.importorskip("distributed")
+    from test_run_helpers import declare_gpu
+
     out_serial, _ = serial
     out = tmp_path / "dask"
-    res = run_batch([inputs["S1"], inputs["S2"], inputs["BAD"]], out, inputs["model"], device="cpu",
-                    workers=1, local_workers=2, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        gpu_worker = sorted(client.scheduler_info()["workers"])[0]
+        client.run(declare_gpu, workers=[gpu_worker])
+        res = run_batch([inputs["S1"], inputs["S2"], inputs["BAD"]], out, inputs["model"],
+                        device="cpu", workers=1, scheduler=client, progress=False)
+        assert client.status == "running"  # a caller's client is left open
     assert [(f.item_id, f.stage) for f in res.failures] == [("BAD", "tile")]
     assert sorted(r.slide_id for r in res.outcomes) == ["S1", "S2"]
     for run in res.outcomes:
         assert run.stages["tile"] == run.stages["predict"] == run.stages["biomarkers"] == "done"
+        assert run.workers["predict"] == gpu_worker
     assert (out / "cohort.csv").read_bytes() == (out_serial / "cohort.csv").read_bytes()
     assert (out / "tls.csv").read_bytes() == (out_serial / "tls.csv").read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(out / "cohort.parquet"),
                                   pd.read_parquet(out_serial / "cohort.parquet"))
-    for sid in ("S1", "S2"):  # the QuPath files too (deterministic ids, gzip without a time)
-        name = f"results/{sid}/{sid}.geojson.gz"
+    for sid in ("S1", "S2"):  # the QuPath files too (deterministic ids and zip time stamps)
+        name = f"results/{sid}/{sid}.geojson.zip"
         assert (out / name).read_bytes() == (out_serial / name).read_bytes()
+        # pictures drawn on the workers, on the same cohort colour scale
+        for fig in ("thumbnail", "tissue_classes", "lymphocyte_density", "compartments"):
+            name = f"figures/{sid}/{fig}.png"
+            assert (out / name).read_bytes() == (out_serial / name).read_bytes(), name
+        assert (out / "figures" / sid / "figures.json").is_file()
     assert [(f["slide_id"], f["stage"]) for f in _read_failures(out)] == [("BAD", "tile")]

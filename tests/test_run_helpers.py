@@ -61,3 +61,8 @@ def write_model(folder: Path, count_head: bool = False) -> Path:
         torch.manual_seed(0)
         net = create_model(card, pretrained=False)
     return save_model(folder, net, card)
+
+
+async def declare_gpu(dask_worker) -> None:
+    """Run on one Dask worker (``client.run``): it now offers the resource ``GPU=1``."""
+    await dask_worker.set_resources(GPU=1)

@@ -112,6 +112,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SlideSpec]:
         )
     reader.fieldnames = fields
     specs: list[SlideSpec] = []
+    first_line: dict[str, int] = {}
     for i, row in enumerate(reader, start=2):
         where = f"{p} line {i}"
         sid = (row.get("slide_id") or "").strip()
@@ -119,6 +120,10 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SlideSpec]:
         if not sid or not spath:
             raise InputError("empty slide_id or path", where)
         validate_slide_id(sid, where)
+        if sid.lower() in first_line:  # outputs are named by id: two rows would overwrite each other
+            raise InputError(f"duplicate slide id {sid!r} (also on line {first_line[sid.lower()]}); "
+                             "slide ids must be unique (ignoring case)", where)
+        first_line[sid.lower()] = i
         target = Path(spath)
         if not target.is_absolute():
             target = p.parent / target

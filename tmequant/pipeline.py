@@ -27,8 +27,10 @@ Output folder layout (``--out DIR``)::
         biomarkers.json             the slide's biomarker row (units in key names)
         tls.csv                     the slide's TLS table
         arrays.npz                  per-tile densities and compartment maps (for the report)
-        <slide_id>.geojson.gz       QuPath objects: tiles (class probabilities and counts as
-                                    measurements), tumour bulk, invasive margin and TLS annotations
+        <slide_id>.geojson.zip      QuPath objects (one <slide_id>.geojson inside; QuPath's
+                                    File > Import objects reads .zip directly, not .gz): tiles
+                                    (class probabilities and counts as measurements), tumour
+                                    bulk, invasive margin and TLS annotations
         done.json                   completion marker of the biomarker stage (its inputs hash)
       run.json                      the last run's settings and provenance
       .tmequant.lock(.json)         the output-folder lock and who holds it
@@ -101,7 +103,7 @@ class RunConfig:
     batch_size: int | None = None
     workers: int | None = None
     overwrite: bool = False
-    geojson_gzip: bool = True
+    geojson_suffix: str = ".geojson.zip"  # ".geojson.zip", ".geojson" or ".geojson.gz"
 
     @property
     def stores_dir(self) -> Path:
@@ -132,6 +134,8 @@ class SlideRun:
     result: Any = None
     cell_table: str | None = None
     notes: tuple[str, ...] = ()
+    workers: dict[str, str] = field(default_factory=dict)  # Dask: stage -> worker address
+    result_hash: str | None = None  # inputs hash of the biomarker stage (names its outputs)
 
     @property
     def slide_id(self) -> str:
@@ -294,12 +298,22 @@ class BatchProgress:
                                   TextColumn("{task.description}"), TimeElapsedColumn())
             self._rich.start()
             self._task = self._rich.add_task("", total=self.n)
+            # Log lines go through rich's stderr proxy, so they print above the bar.
+            self._swapped = []
+            for h in log.handlers:
+                if isinstance(h, logging.StreamHandler) and h.stream is sys.__stderr__:
+                    self._swapped.append((h, h.setStream(sys.stderr)))
         return self
+
+    def _show(self, msg: str, advance: int = 0) -> None:
+        from rich.markup import escape
+
+        self._rich.update(self._task, advance=advance, description=escape(msg))
 
     def stage(self, slide_id: str, stage: str) -> None:
         """A stage starts."""
         if self._rich is not None:
-            self._rich.update(self._task, description=f"{slide_id}: {stage}...")
+            self._show(f"{slide_id}: {stage}...")
 
     def stage_done(self, run: SlideRun, stage: str) -> None:
         what = run.stages.get(stage, "?")
@@ -308,7 +322,7 @@ class BatchProgress:
         tiles = f", {run.n_tiles} tiles" if run.n_tiles is not None else ""
         msg = f"{run.slide_id}: {stage} {what}{tiles}{rate_s} ({run.seconds.get(stage, 0.0):.1f} s)"
         if self._rich is not None:
-            self._rich.update(self._task, description=msg)
+            self._show(msg)
         elif self.enabled:
             log.info("[%d/%d] %s", self.done, self.n, msg)
 
@@ -319,13 +333,15 @@ class BatchProgress:
         else:
             msg = f"{run.slide_id}: finished ({sum(run.seconds.values()):.1f} s)"
         if self._rich is not None:
-            self._rich.update(self._task, advance=1, description=msg)
+            self._show(msg, advance=1)
         elif self.enabled:
             log.info("[%d/%d] %s", self.done, self.n, msg)
 
     def __exit__(self, *exc: Any) -> None:
         if self._rich is not None:
             self._rich.stop()
+            for h, old in self._swapped:
+                h.setStream(old)
 
 
 # --- the model, once per process --------------------------------------------------------
@@ -461,7 +477,7 @@ def _biomarker_inputs(run: SlideRun, cfg: RunConfig, store: Any) -> dict[str, An
         "nuclei_params_hash": nuclei,
         "cell_table": None if run.cell_table is None else file_fingerprint(run.cell_table),
         "biomarker_params_hash": params_hash(cfg.params),
-        "geojson_gzip": cfg.geojson_gzip,
+        "geojson_suffix": cfg.geojson_suffix,
         "package_version": package_version(),
     }
 
@@ -475,6 +491,7 @@ def _do_biomarkers(run: SlideRun, cfg: RunConfig) -> None:
     rdir = cfg.result_dir(run.slide_id)
     inputs = _biomarker_inputs(run, cfg, store)
     ihash = params_hash(inputs)
+    run.result_hash = ihash
     # Anything recomputed upstream in this run (even with the same hashes) is recomputed here.
     upstream_new = any(run.stages.get(k) == "done" for k in ("tile", "predict", "count"))
     if not cfg.overwrite and not upstream_new:
@@ -491,7 +508,7 @@ def _do_biomarkers(run: SlideRun, cfg: RunConfig) -> None:
     res.row["store_path"] = _relative(run.store_path, cfg.out_dir)
     res.row["cell_table_path"] = run.cell_table
     write_slide_result(rdir, run.slide_id, store, run.model_name, res, ihash, inputs,
-                       gzip=cfg.geojson_gzip)
+                       geojson_suffix=cfg.geojson_suffix)
     run.result = res
     run.stages["biomarkers"] = "done"
 
@@ -549,7 +566,8 @@ _STAGE_FNS = {"cells": _do_cells, "tile": _do_tile}
 # --- per-slide result files -------------------------------------------------------------
 
 def write_slide_result(rdir: Path, slide_id: str, store: Any, model_name: str, res: Any,
-                       inputs_hash: str, inputs: dict[str, Any], gzip: bool = True) -> None:
+                       inputs_hash: str, inputs: dict[str, Any],
+                       geojson_suffix: str = ".geojson.zip") -> None:
     """Write the slide's row, TLS table, arrays and QuPath GeoJSON, then ``done.json`` last."""
     rdir.mkdir(parents=True, exist_ok=True)
     marker = rdir / "done.json"
@@ -562,8 +580,7 @@ def write_slide_result(rdir: Path, slide_id: str, store: Any, model_name: str, r
     atomic_write_text(rdir / "tls.csv", res.tls.to_csv(index=False, float_format="%.10g",
                                                       lineterminator="\n"))
     atomic_write_bytes(rdir / "arrays.npz", _result_arrays(res))
-    write_slide_geojson(rdir / f"{slide_id}.geojson{'.gz' if gzip else ''}", store, model_name,
-                        res, gzip=gzip)
+    write_slide_geojson(rdir / f"{slide_id}{geojson_suffix}", store, model_name, res)
     atomic_write_text(marker, _json_dumps({"slide_id": slide_id, "inputs_hash": inputs_hash,
                                            "inputs": inputs, "complete": True}))
 
@@ -713,18 +730,35 @@ def slide_features(store: Any, model_name: str, res: Any, slide_id: str | None =
     return ann + feats
 
 
-def write_slide_geojson(path: Path, store: Any, model_name: str, res: Any, gzip: bool = True) -> Path:
+def write_slide_geojson(path: str | os.PathLike[str], store: Any, model_name: str, res: Any) -> Path:
     """Write :func:`slide_features` as a QuPath GeoJSON FeatureCollection (atomically).
 
-    gzip output is deterministic (no file name or time in the header)."""
+    The name's ending picks the container: ``.zip`` holds one ``<stem>.geojson`` entry (what
+    QuPath's own compressed export writes and its importer reads), ``.gz`` is gzip (smaller
+    to move around, but QuPath does not read it: gunzip first), anything else plain JSON.
+    Compressed output is deterministic (fixed time stamps), so reruns give identical bytes.
+    """
     import gzip as _gz
+    import zipfile
 
+    p = Path(path)
     feats = slide_features(store, model_name, res)
     data = json.dumps({"type": "FeatureCollection", "features": feats}, allow_nan=False,
                       separators=(",", ":")).encode("utf-8")
-    if gzip:
+    name = p.name.lower()
+    if name.endswith(".zip"):
+        inner = p.name[: -len(".zip")]
+        inner = inner if inner.lower().endswith((".geojson", ".json")) else inner + ".geojson"
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+            info = zipfile.ZipInfo(inner, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data)
+        data = buf.getvalue()
+    elif name.endswith(".gz"):
         data = _gz.compress(data, compresslevel=6, mtime=0)
-    return atomic_write_bytes(path, data)
+    return atomic_write_bytes(p, data)
 
 
 # --- the batch --------------------------------------------------------------------------
@@ -791,6 +825,10 @@ def run_batch(
         raise InputError("duplicate slide ids in the batch; give unique ids in a CSV manifest")
     if not specs:
         raise InputError("no slides given")
+    # Absolute paths: workers on other machines (or other working folders) find the same files.
+    specs = [replace(s, path=Path(s.path).absolute()) if "://" not in str(s.path) else s for s in specs]
+    if Path(str(model)).expanduser().exists():
+        model = str(Path(str(model)).expanduser().absolute())
     out = Path(out_dir)
     loaded = get_model(str(model))
     card = loaded.card
@@ -817,13 +855,16 @@ def run_batch(
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         with BatchProgress(len(specs), enabled=progress) as bar:
             if scheduler is not None or local_workers:
-                runs = _run_distributed(specs, cfg, scheduler, local_workers, bar)
+                with dask_client(scheduler, local_workers) as client:
+                    runs = _run_distributed(specs, cfg, client, bar)
+                    figures = _prepare_figures(out, runs, card.name, client)
             else:
                 runs = {}
                 for spec in specs:
                     runs[spec.slide_id] = run = run_slide(spec, cfg, model=loaded, progress=bar)
                     bar.slide_done(run)
-        result = _write_cohort(out, specs, runs, card.name, title)
+                figures = _prepare_figures(out, runs, card.name, None)
+        result = _write_cohort(out, specs, runs, card.name, title, figures)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -842,7 +883,7 @@ def _check_model_tiling(card: Any, tiling: TilingParams, model: str) -> None:
 
 
 def _write_cohort(out: Path, specs: Sequence[SlideSpec], runs: dict[str, SlideRun],
-                  model_name: str, title: str | None) -> RunResult:
+                  model_name: str, title: str | None, figures: FigurePlan | None = None) -> RunResult:
     from tmequant.report import SlideOutcome, write_cohort_report
     from tmequant.tiling.store import SlideStore
 
@@ -857,7 +898,8 @@ def _write_cohort(out: Path, specs: Sequence[SlideSpec], runs: dict[str, SlideRu
     res = RunResult(out, runs, failures, failures_csv=failures_csv)
     try:
         co = write_cohort_report(out, outcomes, failures,
-                                 title=title or f"tmequant cohort report ({model_name})")
+                                 title=title or f"tmequant cohort report ({model_name})",
+                                 figures=None if figures is None else figures.ready)
     except Exception as exc:  # noqa: BLE001 - per-slide outputs are written; say what failed
         reason = one_line_reason(exc)
         log.error("cohort report failed: %s", reason)
@@ -867,39 +909,138 @@ def _write_cohort(out: Path, specs: Sequence[SlideSpec], runs: dict[str, SlideRu
         return res
     res.cohort_csv, res.cohort_parquet = co.cohort_csv, co.cohort_parquet
     res.tls_csv, res.report_html = co.tls_csv, co.report_html
+    if figures is not None:  # pictures drawn just now: remember what they show
+        for sid, key in figures.stale.items():
+            figs = co.figures.get(sid, {})
+            if set(figs) == set(_figure_stems()):
+                _write_figure_marker(figs, key)
     return res
 
 
+# --- pictures: drawn once per result and colour scale -----------------------------------
+
+@dataclass
+class FigurePlan:
+    """ready: slide id -> {stem: PNG path} to reuse; stale: slide id -> key of pictures to draw."""
+
+    ready: dict[str, dict[str, Path]] = field(default_factory=dict)
+    stale: dict[str, str] = field(default_factory=dict)
+
+
+def _figure_stems() -> list[str]:
+    from tmequant.report.slide import FIGURES
+
+    return list(FIGURES)
+
+
+def _figure_dir(out: Path, slide_id: str) -> Path:
+    from tmequant.report.cohort import safe_name
+
+    return out / "figures" / safe_name(slide_id)
+
+
+def _write_figure_marker(figs: dict[str, Any], key: str) -> None:
+    d = Path(next(iter(figs.values()))).parent
+    atomic_write_text(d / "figures.json", json.dumps({"key": key, "figures": sorted(figs)}))
+
+
+def _prepare_figures(out: Path, runs: dict[str, SlideRun], model_name: str,
+                     client: Any = None) -> FigurePlan:
+    """Reuse pictures whose slide result and cohort colour scale are unchanged; with a Dask
+    client, draw the others on the workers. A picture depends on the slide's biomarker inputs
+    (``result_hash``) and on the cohort's density scale (:func:`cohort_density_vmax`)."""
+    from tmequant.report.cohort import cohort_density_vmax
+
+    ok = sorted((r for r in runs.values() if r.ok), key=lambda r: r.slide_id)
+    vmax = cohort_density_vmax(r.result.lymphocyte_density_per_mm2 for r in ok)
+    plan = FigurePlan()
+    stems = _figure_stems()
+    for r in ok:
+        key = params_hash({"result": r.result_hash, "vmax_per_mm2": vmax, "stems": stems,
+                           "model_name": r.model_name or model_name, "version": package_version()})
+        d = _figure_dir(out, r.slide_id)
+        paths = {k: d / f"{k}.png" for k in stems}
+        try:
+            same = json.loads((d / "figures.json").read_text()).get("key") == key
+        except (OSError, ValueError):
+            same = False
+        if r.result_hash is not None and same and all(p.is_file() for p in paths.values()):
+            plan.ready[r.slide_id] = paths
+        else:
+            plan.stale[r.slide_id] = key
+    if client is not None and plan.stale:
+        futures = {client.submit(_task_figures, runs[sid].store_path, runs[sid].model_name or model_name,
+                                 runs[sid].result, str(_figure_dir(out, sid)), vmax, key, pure=False): sid
+                   for sid, key in plan.stale.items()}
+        for fut, sid in futures.items():
+            try:
+                plan.ready[sid] = {k: Path(v) for k, v in fut.result().items()}
+            except Exception as exc:  # noqa: BLE001 - drawn again on the client, or left out
+                log.warning("%s: pictures not drawn on the worker (%s); drawing them here",
+                            sid, one_line_reason(exc))
+        plan.stale = {sid: k for sid, k in plan.stale.items() if sid not in plan.ready}
+    return plan
+
+
+def _task_figures(store_path: str, model_name: str, result: Any, fig_dir: str, vmax: float,
+                  key: str) -> dict[str, str]:
+    """Worker task: one slide's pictures on the cohort's colour scale, then their marker."""
+    from tmequant.report.slide import slide_figures
+    from tmequant.tiling.store import SlideStore
+
+    figs = slide_figures(SlideStore(store_path), model_name, result, fig_dir, vmax_per_mm2=vmax)
+    _write_figure_marker(figs, key)
+    return {k: str(v) for k, v in figs.items()}
+
+
 # --- Dask ---------------------------------------------------------------------------------
+
+def _here(run: SlideRun, *stages: str) -> SlideRun:
+    """Record which Dask worker ran ``stages`` (provenance, and to check GPU routing)."""
+    try:
+        from distributed import get_worker
+
+        addr = get_worker().address
+    except (ImportError, ValueError):  # not on a worker
+        return run
+    for s in stages:
+        run.workers[s] = addr
+    return run
+
 
 def _task_head(spec: SlideSpec, cfg: RunConfig) -> SlideRun:
     """Worker task: cells check and tiling."""
     run = SlideRun(spec)
     for name in ("cells", "tile"):
         run = _stage(run, name, lambda r, n=name: _STAGE_FNS[n](r, cfg), None)
-    return run
+    return _here(run, "cells", "tile")
 
 
 def _task_predict(run: SlideRun, cfg: RunConfig) -> SlideRun:
     """Worker task: inference (on a GPU worker when the cluster has any)."""
-    return _stage_predict(run, cfg, None, None)
+    return _here(_stage_predict(run, cfg, None, None), "predict")
 
 
 def _task_tail(run: SlideRun, cfg: RunConfig) -> SlideRun:
     """Worker task: nucleus counting and biomarkers (per-slide outputs)."""
-    return _finish_slide(run, cfg, None, None)
+    return _here(_finish_slide(run, cfg, None, None), "count", "biomarkers")
 
 
 def _cluster_has_gpu(client: Any) -> bool:
-    workers = client.scheduler_info().get("workers", {})
+    try:
+        info = client.scheduler_info(n_workers=-1)  # every worker, not the first few
+    except TypeError:  # older distributed
+        info = client.scheduler_info()
+    workers = info.get("workers", {})
     return any(float((w.get("resources") or {}).get("GPU", 0)) > 0 for w in workers.values())
 
 
-def _run_distributed(specs: Sequence[SlideSpec], cfg: RunConfig, scheduler: Any,
-                     local_workers: int | None, bar: BatchProgress) -> dict[str, SlideRun]:
-    """Per-slide stages as three chained tasks per slide on a Dask cluster."""
+@contextmanager
+def dask_client(scheduler: Any = None, local_workers: int | None = None) -> Iterator[Any]:
+    """A ``distributed.Client``: the one given, one connected to a scheduler address, or one
+    on a new LocalCluster of ``local_workers`` processes (closed on exit, unlike a given one)."""
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, LocalCluster
     except ImportError:  # pragma: no cover
         raise InputError("--scheduler/--local-workers need dask[distributed]: "
                          "pip install 'dask[distributed]'") from None
@@ -919,39 +1060,54 @@ def _run_distributed(specs: Sequence[SlideSpec], cfg: RunConfig, scheduler: Any,
                                dashboard_address=None)
         client = Client(cluster)
     try:
-        gpu = _cluster_has_gpu(client)
-        if gpu:
-            log.info("Dask: predict tasks go to workers with a GPU resource")
-        futures = {}
-        for spec in specs:
-            head = client.submit(_task_head, spec, cfg, pure=False)
-            pred = client.submit(_task_predict, head, cfg, pure=False,
-                                 resources={"GPU": 1} if gpu else None)
-            tail = client.submit(_task_tail, pred, cfg, pure=False)
-            futures[tail] = spec
-        runs: dict[str, SlideRun] = {}
-        for fut in as_completed(list(futures)):
-            spec = futures[fut]
-            try:
-                run = fut.result()
-            except Exception as exc:  # noqa: BLE001 - a lost worker fails its slide only
-                run = SlideRun(spec, failure=Failure(spec.slide_id, "worker", one_line_reason(exc)))
-            for stage in ("tile", "predict", "count", "biomarkers"):
-                if stage in run.stages:
-                    bar.stage_done(run, stage)
-            bar.slide_done(run)
-            runs[spec.slide_id] = run
-        return runs
+        yield client
     finally:
         if own_client:
             client.close()
         if cluster is not None:
-            cluster.close()
+            # Workers that take a moment to exit (torch) are killed; that is expected here.
+            nanny_log = logging.getLogger("distributed.nanny")
+            level = nanny_log.level
+            nanny_log.setLevel(logging.ERROR)
+            try:
+                cluster.close()
+            finally:
+                nanny_log.setLevel(level)
+
+
+def _run_distributed(specs: Sequence[SlideSpec], cfg: RunConfig, client: Any,
+                     bar: BatchProgress) -> dict[str, SlideRun]:
+    """Per-slide stages as three chained tasks per slide on a Dask cluster."""
+    from distributed import as_completed
+
+    gpu = _cluster_has_gpu(client)
+    if gpu:
+        log.info("Dask: predict tasks go to workers with a GPU resource")
+    futures = {}
+    for spec in specs:
+        head = client.submit(_task_head, spec, cfg, pure=False)
+        pred = client.submit(_task_predict, head, cfg, pure=False,
+                             resources={"GPU": 1} if gpu else None)
+        tail = client.submit(_task_tail, pred, cfg, pure=False)
+        futures[tail] = spec
+    runs: dict[str, SlideRun] = {}
+    for fut in as_completed(list(futures)):
+        spec = futures[fut]
+        try:
+            run = fut.result()
+        except Exception as exc:  # noqa: BLE001 - a lost worker fails its slide only
+            run = SlideRun(spec, failure=Failure(spec.slide_id, "worker", one_line_reason(exc)))
+        for stage in ("tile", "predict", "count", "biomarkers"):
+            if stage in run.stages:
+                bar.stage_done(run, stage)
+        bar.slide_done(run)
+        runs[spec.slide_id] = run
+    return runs
 
 
 __all__ = [
     "BatchProgress", "OutputLockedError", "RunConfig", "RunResult", "SlideRun",
     "atomic_write_bytes", "atomic_write_text", "find_cell_table", "load_slide_result",
-    "output_lock", "run_batch", "run_slide", "slide_features", "write_slide_geojson",
-    "write_slide_result",
+    "FigurePlan", "dask_client", "output_lock", "run_batch", "run_slide", "slide_features",
+    "write_slide_geojson", "write_slide_result",
 ]

@@ -97,7 +97,7 @@ def _measurements(props: dict[str, Any]) -> dict[str, float]:
             continue
         try:
             out[str(k)] = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float
             out[str(k)] = math.nan
     return out
 
@@ -146,7 +146,12 @@ def read_features(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYT
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise CellTableError(f"not valid JSON (line {e.lineno}: {e.msg})", p) from None
-    return parse_features(obj, p)
+    except RecursionError:  # e.g. "[[[[...": json recurses once per level
+        raise CellTableError("JSON is nested too deeply to be GeoJSON", p) from None
+    try:
+        return parse_features(obj, p)
+    except RecursionError:  # absurdly nested coordinates
+        raise CellTableError("GeoJSON geometry is nested too deeply", p) from None
 
 
 # --- writing ---------------------------------------------------------------------------

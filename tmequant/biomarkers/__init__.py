@@ -32,6 +32,7 @@ from tmequant.biomarkers.aggregate import (
     tumor_bulk,
 )
 from tmequant.biomarkers.cells import DEFAULT_CELL_ROLE_MAP, cell_role, cell_roles, read_cell_table
+from tmequant.biomarkers.cellular import CellCompartments, cell_compartments
 from tmequant.biomarkers.grid import TileGrid
 from tmequant.biomarkers.params import BiomarkerParams
 from tmequant.biomarkers.store import biomarkers_for_store
@@ -42,11 +43,13 @@ __all__ = [
     "TLS_COLUMNS",
     "BiomarkerParams",
     "BiomarkerResult",
+    "CellCompartments",
     "Compartments",
     "DenseGrid",
     "TileGrid",
     "biomarkers_for_store",
     "block_sums",
+    "cell_compartments",
     "cell_role",
     "cell_roles",
     "compartments",

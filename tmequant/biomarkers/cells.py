@@ -110,6 +110,7 @@ def _finish(x: np.ndarray, y: np.ndarray, cls: np.ndarray, p: Path) -> pd.DataFr
         raise CellTableError(f"{int(bad.sum())} cells have missing or non-finite x/y", p)
     if (df["x"] < 0).any() or (df["y"] < 0).any():
         raise CellTableError("negative x/y: coordinates must be level-0 pixels of the slide", p)
+    df.attrs["source_path"] = str(p)  # later checks (cells off the slide) name the file
     return df
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tmequant.errors import InputError, StoreError
+from tmequant.errors import CellTableError, InputError, StoreError
 from tmequant.roles import COUNT_SOURCES, TISSUE_ROLES
 
 log = logging.getLogger("tmequant")
@@ -147,6 +147,8 @@ class TileGrid:
             "store_path": store.path, "store_params_hash": attrs.get("params_hash"),
             "model_name": card.get("name", model_name), "model_version": card.get("version"),
             "predictions_params_hash": grp.attrs.get("params_hash"),
+            "level0_width_px": attrs.get("level0_width_px"),
+            "level0_height_px": attrs.get("level0_height_px"),
         }
         lymph = tumor = None
         source = None
@@ -224,10 +226,31 @@ class TileGrid:
 
         from tmequant.biomarkers.aggregate import counts_from_cells
 
+        _check_cells_on_slide(cells, self.metadata)
         lymph, tumor, outside = counts_from_cells(self, cells, cell_role_map)
         meta = dict(self.metadata, n_cells=len(cells), n_cells_outside_tiles=int(outside))
         return replace(self, lymphocyte_counts=lymph, tumor_cell_counts=tumor,
                        count_source="cell_table", metadata=meta)
+
+
+def _check_cells_on_slide(cells: pd.DataFrame, meta: Mapping[str, Any]) -> None:
+    """Refuse a cell table that lies wholly off the slide (wrong units or wrong slide); warn
+    when some cells do. Needs the level-0 size in ``meta`` (grids from a store have it)."""
+    w, h = meta.get("level0_width_px"), meta.get("level0_height_px")
+    if not w or not h or len(cells) == 0:
+        return
+    x, y = cells["x"].to_numpy(dtype=np.float64), cells["y"].to_numpy(dtype=np.float64)
+    off = ~((x >= 0) & (y >= 0) & (x < float(w)) & (y < float(h)))
+    n_off = int(off.sum())
+    if not n_off:
+        return
+    src = cells.attrs.get("source_path") or meta.get("slide_id") or "cell table"
+    if n_off == len(cells):
+        raise CellTableError(
+            f"all {n_off} cells lie outside the slide ({w} x {h} level-0 px); coordinates must "
+            "be level-0 pixels of this slide (not microns, not another slide's)", src)
+    log.warning("%s: %d of %d cells lie outside the slide (%d x %d level-0 px) and are not "
+                "counted", src, n_off, len(cells), w, h)
 
 
 def _card_dict(card: Any, path: str, model_name: str) -> dict[str, Any]:

@@ -28,15 +28,33 @@ app = typer.Typer(
 log = logging.getLogger("tmequant")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at emit time (it may be swapped, e.g. by tests)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Log to stderr: INFO by default, DEBUG with --verbose, warnings only with --quiet."""
+    """Log to stderr: INFO by default, DEBUG with --verbose, warnings only with --quiet.
+
+    Only the ``tmequant`` logger is configured (one handler, replaced on each call), and it
+    still propagates, so an embedding application's own handlers keep seeing the records.
+    """
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
-    root = logging.getLogger("tmequant")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    logger = logging.getLogger("tmequant")
+    logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, _StderrHandler)] + [handler]
+    logger.setLevel(level)
     set_progress_enabled(not quiet)
 
 

@@ -39,7 +39,7 @@ def demo_cmd(
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     try:
-        res = run_demo(out, names, seed=seed, model=model)
+        res = run_demo(out, names, seed=seed, model=model, progress=None)
     except TmequantError as e:
         fail(str(e), e.exit_code)
     typer.echo(res.table(required_only=not all_rows))

@@ -415,7 +415,7 @@ def count_store(
     *,
     workers: int | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | None = True,
     cells_out: str | os.PathLike[str] | None = None,
     chunk_tiles: int = 64,
 ) -> CountResult:
@@ -427,7 +427,8 @@ def count_store(
     finished group with the same params hash is reused unless ``overwrite``; another hash is
     recomputed. With ``cells_out``, every detection is written to that Parquet file as a cell
     table: ``x``, ``y`` in level-0 pixels of the slide, ``class``, ``tile_index``,
-    ``area_um2``, ``mean_h_od``.
+    ``area_um2``, ``mean_h_od`` (a local path or an fsspec URL). ``progress``: True/False, or
+    None to follow the process-wide switch (the CLI's --quiet).
     """
     from tmequant.tiling.store import (
         SlideStore,

@@ -83,8 +83,14 @@ def realised_densities(layout: PhantomLayout) -> dict[str, float]:
 
 def expected_biomarkers(layout: PhantomLayout, params: Any = None, tile_um: float = DEFAULT_TILE_UM,
                         min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION) -> Any:
-    """``BiomarkerResult`` of the truth: truth grid + truth cell table (cell-table path)."""
+    """``BiomarkerResult`` of the truth: truth grid + truth cell table (cell-table path).
+
+    Compartments stay at tile resolution by default (``cell_compartments=False``): the
+    pipeline this truth is compared against has no cell table, so its compartments are the
+    tile grid's; a sub-tile split here would compare unlike with like.
+    """
     from tmequant.biomarkers import BiomarkerParams, compute_biomarkers
 
     grid = truth_grid(layout, tile_um, min_tissue_fraction)
-    return compute_biomarkers(grid, cells=layout.cells(), params=params or BiomarkerParams())
+    params = params or BiomarkerParams(cell_compartments=False)
+    return compute_biomarkers(grid, cells=layout.cells(), params=params)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,10 +102,14 @@ def write_cohort_report(
     *,
     title: str = "tmequant cohort report",
     inline_max_slides: int = INLINE_MAX_SLIDES,
+    figures: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> CohortOutputs:
     """Write the cohort table, TLS table, pictures and HTML report for finished slides.
 
     failures: tmequant.batch.Failure objects (or dicts slide_id/stage/reason) of the batch.
+    figures: slide id -> {stem: PNG path} of pictures already drawn (by Dask workers, or
+    unchanged since the last run, with the cohort's :func:`cohort_density_vmax`); the
+    other slides' pictures are drawn here.
     Pictures of one slide that fail to draw are logged and left out; they never fail the batch.
     """
     out = Path(out_dir)
@@ -115,18 +119,22 @@ def write_cohort_report(
     tls_csv, tls_pq = write_tls_table((o.result.tls for o in outcomes), out)
     vmax = cohort_density_vmax(o.result.lymphocyte_density_per_mm2 for o in outcomes)
 
-    figures: dict[str, dict[str, Path]] = {}
+    drawn: dict[str, dict[str, Path]] = {}
     sections = []
     for o, row in zip(outcomes, rows):
         sid = str(o.store.slide_id)
         notes = tuple(o.notes)
-        try:
-            figs = slide_figures(o.store, o.model_name, o.result, out / "figures" / safe_name(sid),
-                                 vmax_per_mm2=vmax)
-        except Exception as exc:  # noqa: BLE001 - a picture never fails a finished slide
-            log.warning("%s: pictures not drawn: %s: %s", sid, type(exc).__name__, exc)
-            figs, notes = {}, notes + (f"pictures not drawn: {type(exc).__name__}: {exc}",)
-        figures[sid] = {k: Path(v) for k, v in figs.items()}  # type: ignore[arg-type]
+        pre = (figures or {}).get(sid)
+        if pre is not None:
+            figs: dict[str, Any] = dict(pre)
+        else:
+            try:
+                figs = slide_figures(o.store, o.model_name, o.result, out / "figures" / safe_name(sid),
+                                     vmax_per_mm2=vmax)
+            except Exception as exc:  # noqa: BLE001 - a picture never fails a finished slide
+                log.warning("%s: pictures not drawn: %s: %s", sid, type(exc).__name__, exc)
+                figs, notes = {}, notes + (f"pictures not drawn: {type(exc).__name__}: {exc}",)
+        drawn[sid] = {k: Path(v) for k, v in figs.items()}
         sections.append(slide_section(sid, row, figs, notes))
         checkpoint("report")  # tests: a kill between pictures and the HTML report
 
@@ -142,4 +150,4 @@ def write_cohort_report(
             slide_pages[sec.slide_id] = page
             links[sec.slide_id] = f"slides/{page.name}"
     report = write_html_report(out / "report.html", sections, failures, title=title, slide_links=links)
-    return CohortOutputs(cohort_csv, cohort_pq, tls_csv, tls_pq, report, figures, slide_pages)
+    return CohortOutputs(cohort_csv, cohort_pq, tls_csv, tls_pq, report, drawn, slide_pages)

@@ -326,7 +326,7 @@ def read_csv_manifest(
         raise InputError("no such manifest", p)
     if p.stat().st_size > _MAX_CSV_BYTES:
         raise InputError(f"manifest larger than {_MAX_CSV_BYTES >> 20} MiB", p)
-    text = p.read_text(encoding="utf-8-sig")
+    text = _read_text(p)
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     if "path" not in header or "label" not in header:
@@ -603,7 +603,7 @@ def find_annotated_slides(data: str | Path) -> list[AnnotatedSlide]:
         if not out:
             raise InputError("no slide with a <name>.geojson beside it", p)
         return out
-    text = p.read_text(encoding="utf-8-sig")
+    text = _read_text(p)
     reader = csv.DictReader(io.StringIO(text))
     for i, row in enumerate(reader, start=2):
         row = {str(k).strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
@@ -620,7 +620,7 @@ def find_annotated_slides(data: str | Path) -> list[AnnotatedSlide]:
                 str(ap),
                 row.get("slide_id") or slide_id_from_path(sp),
                 row.get("patient_id") or None,
-                float(mpp) if mpp else None,
+                _manifest_mpp(mpp, p, i) if mpp else None,
             )
         )
     if not out:
@@ -632,9 +632,29 @@ def find_annotated_slides(data: str | Path) -> list[AnnotatedSlide]:
 # dispatch
 
 
+def _manifest_mpp(value: str, p: Path, line: int) -> float:
+    """The ``mpp`` column of a slide manifest row, checked (0.05-20 um/px)."""
+    from tmequant.inputs import parse_mpp
+
+    mpp = parse_mpp(value, f"{p} line {line}")
+    assert mpp is not None
+    return mpp
+
+
+def _read_text(p: Path) -> str:
+    """A manifest's text; InputError naming the file when it is not UTF-8."""
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"manifest is not UTF-8 text (byte {e.start})", p) from None
+
+
 def _csv_header(p: Path) -> list[str]:
-    with open(p, encoding="utf-8-sig") as fh:
-        first = fh.readline()
+    try:
+        with open(p, encoding="utf-8-sig") as fh:
+            first = fh.readline()
+    except UnicodeDecodeError as e:
+        raise InputError(f"manifest is not UTF-8 text (byte {e.start})", p) from None
     return [h.strip().lower() for h in next(csv.reader([first]), [])]
 
 
