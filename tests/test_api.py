@@ -23,7 +23,7 @@ import tmequant as tq
 
 ERRORS = ("TmequantError", "InputError", "SlideError", "StoreError", "ModelError", "ParamsError",
           "CellTableError")
-TILING = dict(target_mpp_um=1.0, tile_px=64)  # 64 um tiles: a dozen on the tiny slide
+TILING = {"target_mpp_um": 1.0, "tile_px": 64}  # 64 um tiles: a dozen on the tiny slide
 
 
 # --- shared helpers ------------------------------------------------------------------------------
@@ -58,7 +58,8 @@ def tiny_model(name: str = "api-tiny", count_head: bool = False) -> tq.LoadedMod
 
 def run_py(code: str) -> str:
     """Run ``code`` in a fresh interpreter; return its stdout (fails on a non-zero exit)."""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -92,12 +93,12 @@ def test_dir_is_exactly_all_plus_dunders():
 
 def test_star_import_and_unknown_names():
     ns: dict[str, object] = {}
-    exec("from tmequant import *", ns)
+    exec("from tmequant import *", ns)  # noqa: S102 - the star import under test
     assert set(ns) - {"__builtins__"} == set(tq.__all__)
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         tq.not_a_name  # noqa: B018
     with pytest.raises(ImportError):
-        exec("from tmequant import _LAZY_NOT_THERE", {})
+        exec("from tmequant import _LAZY_NOT_THERE", {})  # noqa: S102
 
 
 def test_long_calls_take_a_progress_switch():
@@ -111,8 +112,14 @@ def test_cli_verbs_call_the_public_functions():
     from tmequant.cli import app
 
     expected = {"tile": "tile_slide", "predict": "predict_store", "biomarkers": "biomarkers_for_store",
-                "run": "run_batch", "train": "train", "evaluate": "evaluate"}
+                "run": "run_batch", "train": "train", "evaluate": "evaluate", "demo": "run_demo",
+                "models list": "list_models", "models show": "get_card",
+                "models import": "import_state_dict"}
     verbs = {c.name: c.callback for c in app.registered_commands}
+    for group in app.registered_groups:
+        verbs.update({f"{group.name} {c.name}": c.callback
+                      for c in group.typer_instance.registered_commands})
+    assert {"tile", "predict", "biomarkers", "models list"} <= set(verbs)
     for verb, fn in expected.items():
         if verb not in verbs:  # a verb still being written is checked once it is registered
             continue
@@ -282,7 +289,8 @@ def test_memory_store_chain(tmp_path, monkeypatch, memory_root, capfd):
                                cells_out=f"{memory_root}/out/s1.cells.parquet").computed
     # nothing on the local disk but the slide; nothing printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.svs"]
-    assert capfd.readouterr().out == ""
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured
 
 
 def test_biomarkers_for_store_names_the_choice(tmp_path):
@@ -301,3 +309,34 @@ def test_biomarkers_for_store_names_the_choice(tmp_path):
     res = tq.biomarkers_for_store(tiled.store_path, "api-b", cells=cells)
     assert res.row["model_name"] == "api-b" and res.row["cell_table_path"] == str(cells)
     assert res.row["count_source"] == "cell_table" and res.row["n_cells"] == 2
+
+
+def test_progress_is_switchable(tmp_path, caplog):
+    """Off a terminal, progress is log lines on the 'tmequant' logger; progress=False: none."""
+    import logging
+    import re
+
+    slide = make_slide(tmp_path / "s3.svs")
+    bar_line = re.compile(r": \d+/\d+ tiles \(")
+    caplog.set_level(logging.INFO, logger="tmequant")
+    for enabled, out in ((False, "off"), (True, "on")):
+        caplog.clear()
+        tq.tile_slide(slide, tmp_path / out, tq.TilingParams(**TILING), progress=enabled, qc_png=False)
+        lines = [r.getMessage() for r in caplog.records if bar_line.search(r.getMessage())]
+        assert bool(lines) is enabled, lines
+        assert all(r.name == "tmequant" for r in caplog.records)
+
+
+def test_a_bad_tile_table_is_a_one_line_input_error():
+    with pytest.raises(tq.InputError, match="row/col or x/y"):
+        tq.TileGrid.from_table(pd.DataFrame({"tumor": [1.0]}), tile_um=100.0, slide_mpp_um=0.5)
+    with pytest.raises(tq.InputError, match="no role columns"):
+        tq.TileGrid.from_table(pd.DataFrame({"row": [0], "col": [0], "TUM": [1.0]}),
+                               tile_um=100.0, slide_mpp_um=0.5)
+    with pytest.raises(tq.InputError, match="duplicate"):
+        tq.TileGrid.from_table(pd.DataFrame({"row": [0, 0], "col": [1, 1], "tumor": [1.0, 1.0]}),
+                               tile_um=100.0, slide_mpp_um=0.5)
+    with pytest.raises(tq.InputError) as info:
+        tq.TileGrid.from_table(pd.DataFrame({"row": [0], "col": [0], "tumor": [1.0]}),
+                               tile_um=-1.0, slide_mpp_um=0.5)
+    assert "\n" not in str(info.value)

@@ -18,7 +18,7 @@ from test_run_helpers import write_model, write_slides
 REPO = Path(__file__).resolve().parents[1]
 
 __all__ = [
-    "REPO", "cli", "cli_subprocess", "corrupt_tiles", "files_outside", "snapshot",
+    "REPO", "reference_run", "cli", "cli_subprocess", "corrupt_tiles", "files_outside", "snapshot",
     "stderr_lines", "subprocess_env", "write_model", "write_slides", "write_svs",
 ]
 
@@ -114,3 +114,67 @@ def cli_subprocess(argv: list[str], timeout: float = 300, **env: str) -> subproc
     """``python -m tmequant ARGV`` in a fresh process (faults, signals, memory)."""
     return subprocess.run([sys.executable, "-m", "tmequant", *argv], capture_output=True, text=True,
                           env=subprocess_env(**env), timeout=timeout)
+
+
+_REFERENCE: dict[str, Path] = {}
+REF_PARAMS = "[tiling]\ntiles_per_shard = 16\ntiles_per_chunk = 4\n"
+
+
+def run_inputs(factory: object) -> dict[str, Path]:
+    """S1, S2, the tiny model and a params file (shards of 16 tiles), once per session."""
+    if "inputs" not in _REFERENCE:
+        d = factory.mktemp("reference_inputs")  # type: ignore[attr-defined]
+        paths = write_slides(d / "slides")
+        paths["model"] = write_model(d / "model")
+        paths["params"] = d / "params.toml"
+        paths["params"].write_text(REF_PARAMS)
+        _REFERENCE.update({f"inputs:{k}": v for k, v in paths.items()})
+        _REFERENCE["inputs"] = d
+    return {k.split(":", 1)[1]: v for k, v in _REFERENCE.items() if k.startswith("inputs:")}
+
+
+def run_argv(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """`tmequant run S1 S2` as the crash and determinism tests run it."""
+    return ["-q", "run", str(inputs["S1"]), str(inputs["S2"]), "--out", str(out), "--model",
+            str(inputs["model"]), "--params", str(inputs["params"]), "--device", "cpu",
+            "--workers", "1", *extra]
+
+
+def reference_run(factory: object) -> Path:
+    """The output folder of one uninterrupted `tmequant run` (subprocess), once per session."""
+    if "out" not in _REFERENCE:
+        inputs = run_inputs(factory)
+        out = factory.mktemp("reference_run") / "out"  # type: ignore[attr-defined]
+        p = cli_subprocess(run_argv(inputs, out))
+        assert p.returncode == 0, p.stderr
+        _REFERENCE["out"] = out
+    return _REFERENCE["out"]
+
+
+# Files whose content legitimately differs between runs (start time, the lock's holder).
+VOLATILE = {"run.json", ".tmequant.lock", ".tmequant.lock.json"}
+
+
+def output_files(out: Path) -> dict[str, Path]:
+    return {str(p.relative_to(out)): p for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in VOLATILE}
+
+
+def assert_same_outputs(out: Path, ref: Path) -> None:
+    """Same file set and the same bytes; zarr metadata compared as JSON (key order aside)."""
+    import json
+
+    got, want = output_files(out), output_files(ref)
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    assert not missing, f"missing: {missing}"
+    assert not extra, f"left over (temporary or half-written files): {extra}"
+    differ = []
+    for rel, p in want.items():
+        a, b = got[rel].read_bytes(), p.read_bytes()
+        if a == b:
+            continue
+        if p.name == "zarr.json" and json.loads(a) == json.loads(b):
+            continue
+        differ.append(rel)
+    assert not differ, f"differ from the reference run: {differ}"

@@ -118,6 +118,33 @@ def test_resume_redoes_only_unfinished_stages(serial, inputs):
     pd.testing.assert_frame_equal(pd.read_csv(out / "cohort.csv"), before)
 
 
+def test_cells_dir_replaces_counts_and_a_missing_table_fails_its_slide(serial, inputs, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(serial[0], out)  # finished stores: only the biomarkers change
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    # 3 lymphocytes and 1 tumour cell in the centre of every tissue tile of S1 (1 px = 1 um)
+    rows = ["x,y,class"]
+    for r, c in sorted(tissue_cells("S1")):
+        cx, cy = c * 64 + 32, r * 64 + 32
+        rows += [f"{cx},{cy},Lymphocyte", f"{cx + 5},{cy},Lymphocyte", f"{cx},{cy + 5},lymphocyte",
+                 f"{cx - 5},{cy},Tumor"]
+    (cells / "S1.csv").write_text("\n".join(rows) + "\n")
+    res = run_batch([inputs["S1"], inputs["S2"]], out, inputs["model"], cells_dir=cells,
+                    device="cpu", workers=1, progress=False)
+    assert [(f.item_id, f.stage) for f in res.failures] == [("S2", "cells")]
+    assert "S2" in res.failures[0].reason and str(cells) in res.failures[0].reason
+    s1 = res.slides["S1"]
+    assert s1.stages["count"] == "skipped" and s1.stages["biomarkers"] == "done"
+    row = pd.read_csv(out / "cohort.csv").set_index("slide_id").loc["S1"]
+    assert row["count_source"] == "cell_table"
+    assert row["lymphocytes_total"] == 3 * len(tissue_cells("S1"))
+    assert row["cell_table_path"] == str(cells / "S1.csv")
+    assert list(pd.read_csv(out / "cohort.csv")["slide_id"]) == ["S1"]
+
+
 def test_model_tiling_mismatch_stops_before_work(inputs, tmp_path):
     from tmequant.errors import InputError
     from tmequant.tiling import TilingParams
@@ -199,3 +226,15 @@ def test_dask_local_cluster_matches_serial(serial, inputs, tmp_path):
             assert (out / name).read_bytes() == (out_serial / name).read_bytes(), name
         assert (out / "figures" / sid / "figures.json").is_file()
     assert [(f["slide_id"], f["stage"]) for f in _read_failures(out)] == [("BAD", "tile")]
+
+
+def test_help_shows_units_and_defaults(capsys, monkeypatch):
+    from tmequant.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # no wrapping inside the words looked for
+
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("--out", "--model", "--cells-dir", "--params", "um/px", "--counter", "default: on",
+                   "--scheduler", "--local-workers", "--wait", "--mpp-override", "--batch-size"):
+        assert needle in text, needle

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from test_api import TILING, make_slide, tiny_model
 
 import tmequant as tq
-from test_api import TILING, make_slide, tiny_model
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "output-schema.md"
 MODEL = "api-schema"
@@ -28,7 +28,7 @@ def _section(text: str, heading: str) -> str:
     """The text under ``heading`` up to the next heading of the same or a higher level."""
     level = len(heading) - len(heading.lstrip("#"))
     start = text.index(heading + "\n")
-    nxt = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, start + len(heading) + 1)
+    nxt = re.compile(rf"^#{{1,{level}}} ", re.MULTILINE).search(text, start + len(heading) + 1)
     return text[start: nxt.start() if nxt else len(text)]
 
 
@@ -221,3 +221,16 @@ def test_store_layout_matches_the_docs(doc, store_path):
         for key, kind in want.items():
             _check_value(f"{path} attribute {key}", group.attrs[key], kind)
     assert set(doc_groups) <= set(groups), set(doc_groups) - set(groups)
+
+
+def test_written_tables_of_a_run_match_the_docs(doc, tmp_path):
+    """``tmequant run``'s cohort.csv and tls.csv headers are the documented columns."""
+    slide = make_slide(tmp_path / "run-slide.svs", size_px=1024)
+    run = tq.run_batch([slide], tmp_path / "run", "random-efficientnet_lite0", device="cpu",
+                       progress=False)
+    assert not run.failures, run.failures
+    cohort = pd.read_csv(run.cohort_csv)
+    assert set(cohort.columns) == set(_biomarker_doc(doc)) | set(_param_columns())
+    assert cohort.columns[0] == "slide_id"
+    tls = pd.read_csv(run.tls_csv)
+    assert list(tls.columns) == list(_doc_columns(doc, "## TLS table"))

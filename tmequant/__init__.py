@@ -7,10 +7,11 @@ The public API (docs/api.md) is this module's ``__all__``::
 
     import tmequant as tq
 
-    res = tq.tile_slide("slide.svs", "out/")                      # -> TileResult
-    tq.predict_store(res.store_path, "tmequant-tissue")           # -> PredictResult
-    tq.count_nuclei(res.store_path)                               # -> CountResult
-    row = tq.biomarkers_for_store(res.store_path, "tmequant-tissue").row
+    res = tq.tile_slide("slide.svs", "out/")                  # -> TileResult
+    model = tq.load_model("models/my-model")                  # a model folder or a name
+    tq.predict_store(res.store_path, model)                   # -> PredictResult
+    tq.count_nuclei(res.store_path)                           # -> CountResult
+    row = tq.biomarkers_for_store(res.store_path, model.card.name).row   # units in the keys
 
 Names are imported on first use, so ``import tmequant`` is fast, imports neither torch nor
 zarr, and changes no global state (thread settings, warning filters, logging handlers).
@@ -106,7 +107,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "EvalResult": ("tmequant.training.evaluate", "EvalResult"),
 }
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by step, in the order of docs/api.md
     "__version__",
     # errors
     "CellTableError",

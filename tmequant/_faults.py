@@ -10,6 +10,8 @@ nothing happens. With the environment variable ``TMEQUANT_FAULT=<name>:<n>`` set
   pulled plug would; nothing is flushed, no ``finally`` runs.
 - ``TMEQUANT_FAULT_SIGNAL=INT``: ``SIGINT`` to itself, as Ctrl-C would (the CLI must stop
   with its one-line message and exit 130).
+- ``TMEQUANT_FAULT_SIGNAL=STOP``: ``SIGSTOP`` to itself, a hung run that keeps its output
+  lock until the test sends ``SIGCONT``.
 
 Several faults can be given separated by commas (``tile_shard:2,report:1``); the first one
 reached fires. The tests in ``tests/test_crash*.py`` use this to check that a rerun after a
@@ -63,6 +65,9 @@ def checkpoint(name: str) -> None:
         if sig == "INT":
             # Ctrl-C: Python raises KeyboardInterrupt in the main thread at the next bytecode.
             os.kill(os.getpid(), signal.SIGINT)
+            return
+        if sig == "STOP":  # a hung run: stopped until SIGCONT, holding what it holds
+            os.kill(os.getpid(), signal.SIGSTOP)
             return
         os.kill(os.getpid(), signal.SIGKILL)
 

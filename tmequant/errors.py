@@ -21,8 +21,12 @@ class TmequantError(Exception):
 
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None):
         self.path = None if path is None else str(path)
-        self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        # One line, whatever went into it (a class name or a file name may hold a newline).
+        self.message = " ".join(str(message).splitlines())
+        shown = self.path
+        if shown is not None and shown != " ".join(shown.splitlines()):
+            shown = repr(shown)
+        super().__init__(f"{shown}: {self.message}" if shown else self.message)
 
 
 class InputError(TmequantError):

@@ -51,7 +51,7 @@ def slide_id_from_path(path: str | os.PathLike[str]) -> str:
 
 def validate_slide_id(slide_id: str, source: str) -> str:
     """Refuse ids that could escape the output folder or collide on case-insensitive disks."""
-    if not _SAFE_ID.match(slide_id) or ".." in slide_id:
+    if not _SAFE_ID.fullmatch(slide_id) or ".." in slide_id:  # fullmatch: "$" allows a final \n
         raise InputError(
             f"slide id {slide_id!r} is not allowed: use letters, digits, '.', '_', '-', '+' "
             "(no path separators, no '..', at most 200 characters)",
@@ -102,7 +102,14 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SlideSpec]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise InputError(f"manifest is not UTF-8 text (byte {e.start})", p) from None
-    reader = csv.DictReader(io.StringIO(text))
+    try:
+        return _manifest_rows(p, text)
+    except csv.Error as e:  # NUL bytes, a field over the csv module's size limit...
+        raise InputError(f"manifest is not a readable CSV file ({e})", p) from None
+
+
+def _manifest_rows(p: Path, text: str) -> list[SlideSpec]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     fields = [f.strip().lower() for f in (reader.fieldnames or [])]
     missing = [c for c in ("slide_id", "path") if c not in fields]
     if missing:
@@ -113,7 +120,8 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SlideSpec]:
     reader.fieldnames = fields
     specs: list[SlideSpec] = []
     first_line: dict[str, int] = {}
-    for i, row in enumerate(reader, start=2):
+    for row in reader:
+        i = reader.line_num  # the file's line (a quoted field may span several)
         where = f"{p} line {i}"
         sid = (row.get("slide_id") or "").strip()
         spath = (row.get("path") or "").strip()

@@ -26,6 +26,7 @@ from tmequant.errors import ParamsError
 T = TypeVar("T")
 
 SECTIONS = ("biomarkers", "nucleus_counter", "tiling", "inference")
+_MAX_PARAMS_BYTES = 1 << 20
 
 
 def load_params_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -36,6 +37,8 @@ def load_params_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise ParamsError("no such parameters file", p)
+    if p.stat().st_size > _MAX_PARAMS_BYTES:  # a few keys: anything this big is a wrong file
+        raise ParamsError(f"parameters file is larger than {_MAX_PARAMS_BYTES >> 20} MiB", p)
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":

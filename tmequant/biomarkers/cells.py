@@ -140,6 +140,10 @@ def _read_geojson(p: Path, max_bytes: int) -> pd.DataFrame:
     if not feats:
         raise CellTableError("GeoJSON has no features", p)
     geoms = np.array([f.geometry for f in feats], dtype=object)
+    empty = shapely.is_empty(geoms)
+    if empty.any():  # e.g. "coordinates": [] : no position to count the cell at
+        raise CellTableError(f"{int(empty.sum())} features have an empty geometry "
+                             f"(first: feature {int(np.flatnonzero(empty)[0])})", p)
     pts = shapely.centroid(geoms)
     return _finish(shapely.get_x(pts), shapely.get_y(pts),
                    np.array([f.classification for f in feats], dtype=object), p)
@@ -172,6 +176,9 @@ def _read_parquet(p: Path) -> pd.DataFrame:
             geoms = shapely.from_wkb(wkb)
         except Exception as e:  # noqa: BLE001 - shapely GEOSException and friends
             raise CellTableError(f"geometry column {geo_col!r} is not WKB ({e})", p) from None
+        empty = shapely.is_empty(geoms)
+        if empty.any():
+            raise CellTableError(f"{int(empty.sum())} rows have an empty geometry", p)
         pts = shapely.centroid(geoms)
         cc = _pick(cols, _CLASS_NAMES)
         if cc is None:

@@ -12,13 +12,16 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from tmequant.errors import CellTableError, InputError, StoreError
 from tmequant.roles import COUNT_SOURCES, TISSUE_ROLES
+
+if TYPE_CHECKING:
+    from tmequant.tiling.store import SlideStore
 
 log = logging.getLogger("tmequant")
 
@@ -113,7 +116,8 @@ class TileGrid:
 
     # --- constructors ------------------------------------------------------------------
     @classmethod
-    def from_store(cls, store_or_path: Any, model_name: str, cells: pd.DataFrame | None = None,
+    def from_store(cls, store_or_path: SlideStore | str | os.PathLike[str], model_name: str,
+                   cells: pd.DataFrame | None = None,
                    cell_role_map: Mapping[str, str] | None = None) -> TileGrid:
         """Grid of a finished slide store and its ``predictions/<model_name>`` group.
 

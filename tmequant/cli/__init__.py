@@ -47,6 +47,9 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return usage, abort
 
 
+_INTERRUPTED = "interrupted: finished work is kept; rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     import typer
@@ -54,19 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it
+            if rc == 130:  # typer turns Ctrl-C into a silent Exit(130): say what happened
+                print(_INTERRUPTED, file=sys.stderr)
             return rc
     except typer.Exit as e:
+        if e.exit_code == 130:
+            print(_INTERRUPTED, file=sys.stderr)
         return int(e.exit_code or 0)
     except TmequantError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        print(_INTERRUPTED, file=sys.stderr)
         return 130
     except Exception as e:  # usage errors, and anything unexpected: one line, never a traceback
         click_exc, abort_exc = _click_exception_types()
         if isinstance(e, click_exc):
-            e.show()
+            e.show()  # type: ignore[attr-defined]  # a ClickException of either click
             return int(getattr(e, "exit_code", 2))
         if isinstance(e, abort_exc):
             print("aborted", file=sys.stderr)

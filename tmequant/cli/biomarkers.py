@@ -118,8 +118,11 @@ def biomarkers_cmd(
     out.mkdir(parents=True, exist_ok=True)
 
     def one(path: str) -> Any:
+        from tmequant.inputs import validate_slide_id
+
         store = SlideStore(path)
-        sid = store.slide_id
+        # The id names output files: a store from elsewhere must not write outside --out.
+        sid = validate_slide_id(store.slide_id, store.path)
         cpath = cells_for_slide(cells, sid, len(paths))
         res = biomarkers_for_store(store, model, cells=cpath, params=bp)
         if geojson:

@@ -45,7 +45,7 @@ def run_cmd(
     wait: bool = typer.Option(
         False, "--wait", help="If another run holds --out, wait for it instead of stopping."),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Redo stages whose stored results were made with other parameters."),
+        False, "--overwrite", help="Redo every stage of every slide from scratch (needed when --out holds stores made with other parameters)."),
     title: Optional[str] = typer.Option(None, "--title", help="Title of the HTML report."),
 ) -> None:
     """Tile, predict, count and compute biomarkers for every slide, then the cohort report.
@@ -90,8 +90,9 @@ def run_cmd(
         base = dataclass_from_mapping(TilingParams, sections["tiling"], params or "<params>", "tiling",
                                       base=base)
     try:
-        tiling = replace(base, **{k: v for k, v in (("target_mpp_um", mpp), ("tile_px", tile_px))
-                                  if v is not None})
+        if mpp is not None:
+            base = replace(base, target_mpp_um=mpp)
+        tiling = replace(base, tile_px=tile_px) if tile_px is not None else base
     except ValueError as e:
         raise InputError(str(e)) from None
 

@@ -379,6 +379,8 @@ def _loop(
     if num_workers is None:
         cpus = os.cpu_count() or 1
         num_workers = min(8, max(1, cpus - 2)) if dev.type == "cuda" else (1 if cpus > 1 else 0)
+    if path.startswith("memory://"):
+        num_workers = 0  # fsspec's in-memory filesystem lives in this process: no reader processes
     ranges = _batch_ranges(todo, n, chunk_rows, bs)
     ds = TileRanges(path, ranges, pad_to=bs if compile else 0)
     loader = DataLoader(

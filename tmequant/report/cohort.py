@@ -79,8 +79,14 @@ def cohort_density_vmax(densities: Iterable[np.ndarray], percentile: float = 99.
 def write_tls_table(tables: Iterable[pd.DataFrame], out_dir: str | os.PathLike[str],
                     stem: str = "tls") -> tuple[Path, Path]:
     """Concatenate per-slide TLS tables (each with ``slide_id``) into ``tls.csv``/``tls.parquet``."""
-    frames = [t for t in tables if t is not None and len(t)]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"slide_id": pd.Series(dtype=str)})
+    given = [t for t in tables if t is not None]
+    frames = [t for t in given if len(t)]
+    if frames:
+        df = pd.concat(frames, ignore_index=True)
+    elif given:  # no TLS anywhere: still the columns of docs/output-schema.md, no rows
+        df = given[0].iloc[0:0].reset_index(drop=True)
+    else:
+        df = pd.DataFrame({"slide_id": pd.Series(dtype=str)})
     if len(df) and "slide_id" in df:
         sort = ["slide_id"] + (["tls_id"] if "tls_id" in df else [])
         df = df.sort_values(sort, kind="stable").reset_index(drop=True)

@@ -1,4 +1,8 @@
-"""Training figures (matplotlib, Agg backend: no display needed)."""
+"""Training figures, drawn on matplotlib ``Figure`` objects (no pyplot, no backend switch).
+
+Using the object API keeps a caller's plotting state (a notebook's backend, open figures)
+untouched and works in headless worker processes.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,22 @@ from typing import Any
 import numpy as np
 
 
-def _plt():
-    import matplotlib
+def _subplots(nrows: int, ncols: int, figsize: tuple[float, float], dpi: int = 100) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols)
 
 
 def plot_confusion(
     path: str | Path, cm: np.ndarray, classes: Sequence[str], title: str = ""
 ) -> Path:
     """Row-normalised confusion matrix (truth rows) with raw counts in each cell."""
-    plt = _plt()
     cm = np.asarray(cm)
     with np.errstate(invalid="ignore", divide="ignore"):
         norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=100)
+    fig, ax = _subplots(1, 1, figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
@@ -48,14 +49,12 @@ def plot_confusion(
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_curves(path: str | Path, history: list[dict[str, Any]], metric: str) -> Path:
     """Training loss, validation loss/metric and learning rate per epoch."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=100)
+    fig, axes = _subplots(1, 3, figsize=(11, 3.2))
     ep = [h["epoch"] for h in history]
     axes[0].plot(ep, [h.get("train_loss", np.nan) for h in history], "o-", label="train")
     if any("val_loss" in h for h in history):
@@ -79,5 +78,4 @@ def plot_curves(path: str | Path, history: list[dict[str, Any]], metric: str) ->
         a.set_xlabel("epoch")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
