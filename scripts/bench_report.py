@@ -132,7 +132,7 @@ def main() -> None:
     load0 = _load()
     out: dict = {"cpu_count": os.cpu_count(), "load_before": load0}
     try:
-        geo = bench_geojson(int(round(a.geojson_tiles ** 0.5)), work)
+        geo = bench_geojson(round(a.geojson_tiles ** 0.5), work)
         out["geojson"] = geo
         print(f"load {load0:.1f}")
         print(f"{'what':28s} {'tiles':>7s} {'s':>7s} {'tiles/s':>9s} {'MB':>7s} {'x plain':>8s}")

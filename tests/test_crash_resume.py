@@ -64,6 +64,32 @@ def _unfinished_never_finished(out: Path) -> None:
             assert load_slide_result(rdir, "any") is None
 
 
+def _left_behind(out: Path, name: str) -> None:
+    """The half-done state each kill must leave (so the checks above are not vacuous)."""
+    import zarr
+
+    from tmequant.tiling.store import is_complete
+
+    def group(path: Path):
+        return zarr.open_group(str(path), mode="r", zarr_format=3)
+
+    s1, s2 = out / "stores" / "S1.zarr", out / "stores" / "S2.zarr"
+    if name == "tile_shard":
+        assert s1.exists() and not is_complete(group(s1))
+        assert (s1 / "tiles" / "images").exists()
+    elif name == "predict_chunk":
+        g = group(s1 / "predictions" / "tiny-run")
+        assert not is_complete(g) and np.asarray(g["chunk_done"][...]).any()
+    elif name == "count":
+        assert (out / "results" / "S1" / "done.json").exists()  # S1 finished meanwhile
+        assert not is_complete(group(s2 / "nuclei"))
+    elif name == "slide_result":
+        r2 = out / "results" / "S2"
+        assert (r2 / "biomarkers.json").exists() and not (r2 / "done.json").exists()
+    elif name == "report":
+        assert (out / "cohort.csv").exists() and not (out / "report.html").exists()
+
+
 # (checkpoint, n): S1 then S2 go through every stage in turn; each run resumes the last.
 KILLS = [
     ("tile_shard", 2),      # S1 tiling, after its 2nd of 4 shards: store without its marker
@@ -90,6 +116,7 @@ def test_interrupted_runs_resume_to_identical_outputs(inputs, reference, tmp_pat
     for name, n in KILLS:
         p = cli_subprocess(argv, TMEQUANT_FAULT=f"{name}:{n}")
         assert p.returncode == -signal.SIGKILL, f"{name}:{n} was not reached (rc {p.returncode}): {p.stderr}"
+        _left_behind(out, name)
         _unfinished_never_finished(out)
 
     # what each kill left behind, as the comments above say

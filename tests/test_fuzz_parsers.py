@@ -7,7 +7,9 @@ bottom of this file.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import string
 import tempfile
 from pathlib import Path
@@ -24,6 +26,7 @@ FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 _tmp = Path(tempfile.mkdtemp(prefix="tmequant-fuzz-"))
+atexit.register(shutil.rmtree, _tmp, True)
 
 
 def _write(name: str, data: bytes | str) -> Path:

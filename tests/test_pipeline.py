@@ -24,9 +24,8 @@ def test_lock_names_the_holder_and_is_released(tmp_path: Path):
     with pipeline.output_lock(tmp_path):
         info = (tmp_path / ".tmequant.lock.json").read_text()
         assert f'"pid": {os.getpid()}' in info
-        with pytest.raises(pipeline.OutputLockedError) as e:
-            with pipeline.output_lock(tmp_path):
-                pass
+        with pytest.raises(pipeline.OutputLockedError) as e, pipeline.output_lock(tmp_path):
+            pass
         msg = str(e.value)
         assert str(tmp_path) in msg and f"pid {os.getpid()}" in msg and "\n" not in msg
     assert not (tmp_path / ".tmequant.lock.json").exists()

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import zipfile
 import math
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np

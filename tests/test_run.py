@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_run_helpers import tissue_cells, write_model, write_slides
+
 from tmequant.pipeline import OutputLockedError, output_lock, run_batch
 from tmequant.tiling.store import SlideStore
 
@@ -168,10 +168,9 @@ def test_lock_second_run_stops_then_waits(inputs, tmp_path):
     argv = _cli("run", str(inputs["S1"]), "--out", str(out), "--model", str(inputs["model"]),
                 "--device", "cpu", "--workers", "1")
     with output_lock(out):  # this process holds the folder, as a running batch would
-        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
-            with output_lock(out):
-                pass
-        p = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300)
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"), output_lock(out):
+            pass
+        p = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300, check=False)
         assert p.returncode == 1
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1, p.stderr  # one clear line, no traceback
@@ -203,7 +202,7 @@ def test_dask_local_cluster_matches_serial(serial, inputs, tmp_path):
     out = tmp_path / "dask"
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        gpu_worker = sorted(client.scheduler_info()["workers"])[0]
+        gpu_worker = min(client.scheduler_info()["workers"])
         client.run(declare_gpu, workers=[gpu_worker])
         res = run_batch([inputs["S1"], inputs["S2"], inputs["BAD"]], out, inputs["model"],
                         device="cpu", workers=1, scheduler=client, progress=False)

@@ -53,7 +53,7 @@ def write_model(folder: Path, count_head: bool = False) -> Path:
     from tmequant.models import ModelCard, create_model, save_model
     from tmequant.roles import CELL_ROLES, TISSUE_ROLES
 
-    extra = dict(cell_classes=list(CELL_ROLES), cell_roles={r: r for r in CELL_ROLES}) if count_head else {}
+    extra = {"cell_classes": list(CELL_ROLES), "cell_roles": {r: r for r in CELL_ROLES}} if count_head else {}
     card = ModelCard(name="tiny-run", arch="test_efficientnet", tile_px=TILE_PX, mpp_um=MPP_UM,
                      tissue_classes=list(TISSUE_ROLES), tissue_roles={r: r for r in TISSUE_ROLES},
                      **extra)

@@ -97,8 +97,8 @@ class RunConfig:
 
     out_dir: str
     model: str
-    tiling: TilingParams = TilingParams()
-    params: BiomarkerParams = BiomarkerParams()
+    tiling: TilingParams = field(default_factory=TilingParams)
+    params: BiomarkerParams = field(default_factory=BiomarkerParams)
     counter: Any = None  # tmequant.inference.nuclei.NucleusCounterParams | None
     cells_dir: str | None = None
     device: str = "auto"
@@ -293,7 +293,11 @@ class BatchProgress:
     def __enter__(self) -> BatchProgress:
         if self.enabled and sys.stderr.isatty():
             from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
             )
 
             self._rich = Progress(TextColumn("slides"), BarColumn(), MofNCompleteColumn(),
@@ -339,7 +343,7 @@ class BatchProgress:
         elif self.enabled:
             log.info("[%d/%d] %s", self.done, self.n, msg)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._rich is not None:
             self._rich.stop()
             for h, old in self._swapped:
@@ -483,7 +487,7 @@ def _biomarker_inputs(run: SlideRun, cfg: RunConfig, store: Any) -> dict[str, An
     """Everything the biomarker stage's outputs depend on (hashed into its marker)."""
     grp = store.predictions(run.model_name)
     nuclei = None
-    if "nuclei" in store.root:
+    if cfg.counter is not None and "nuclei" in store.root:  # counter off: its counts are unused
         g = store.root["nuclei"]
         nuclei = g.attrs.get("params_hash") if g.attrs.get("complete") else None
     return {
@@ -500,7 +504,7 @@ def _biomarker_inputs(run: SlideRun, cfg: RunConfig, store: Any) -> dict[str, An
 
 
 def _do_biomarkers(run: SlideRun, cfg: RunConfig) -> None:
-    from tmequant.biomarkers import TileGrid, compute_biomarkers, read_cell_table
+    from tmequant.biomarkers import biomarkers_for_store
     from tmequant.tiling.store import SlideStore
 
     assert run.store_path is not None and run.model_name is not None
@@ -517,9 +521,8 @@ def _do_biomarkers(run: SlideRun, cfg: RunConfig) -> None:
             run.result = cached
             run.stages["biomarkers"] = "skipped"
             return
-    cells = read_cell_table(run.cell_table) if run.cell_table is not None else None
-    grid = TileGrid.from_store(store, run.model_name)
-    res = compute_biomarkers(grid, cells=cells, params=cfg.params)
+    res = biomarkers_for_store(store, run.model_name, cells=run.cell_table, params=cfg.params,
+                               nucleus_counts=cfg.counter is not None)
     # Paths inside the output folder are relative to it: the folder can move, and a serial
     # and a distributed run into different folders give identical cohort tables.
     res.row["store_path"] = _relative(run.store_path, cfg.out_dir)
@@ -1151,8 +1154,21 @@ def _run_distributed(specs: Sequence[SlideSpec], cfg: RunConfig, client: Any,
 
 
 __all__ = [
-    "BatchProgress", "OutputLockedError", "RunConfig", "RunResult", "SlideRun",
-    "atomic_write_bytes", "atomic_write_text", "find_cell_table", "load_slide_result",
-    "FigurePlan", "dask_client", "output_lock", "run_batch", "run_slide", "slide_features",
-    "write_slide_geojson", "write_slide_result",
+    "BatchProgress",
+    "FigurePlan",
+    "OutputLockedError",
+    "RunConfig",
+    "RunResult",
+    "SlideRun",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "dask_client",
+    "find_cell_table",
+    "load_slide_result",
+    "output_lock",
+    "run_batch",
+    "run_slide",
+    "slide_features",
+    "write_slide_geojson",
+    "write_slide_result",
 ]

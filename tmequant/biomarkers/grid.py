@@ -118,12 +118,15 @@ class TileGrid:
     @classmethod
     def from_store(cls, store_or_path: SlideStore | str | os.PathLike[str], model_name: str,
                    cells: pd.DataFrame | None = None,
-                   cell_role_map: Mapping[str, str] | None = None) -> TileGrid:
+                   cell_role_map: Mapping[str, str] | None = None,
+                   nucleus_counts: bool = True) -> TileGrid:
         """Grid of a finished slide store and its ``predictions/<model_name>`` group.
 
         Counts, by precedence: ``cells`` (a cell table, see read_cell_table) > the model's
         count head > the nucleus counter (``nuclei/counts``, column 0 = lymphocyte) > none
         (compute_biomarkers then estimates them from immune-role area: ``area_estimate``).
+        ``nucleus_counts=False`` ignores nucleus-counter counts already in the store (the
+        counter switched off for this run).
         """
         from tmequant.tiling.store import SlideStore
 
@@ -166,7 +169,7 @@ class TileGrid:
                     lymph, source = np.clip(by_role["lymphocyte"], 0, None), "model"
                 if "tumor_cell" in by_role:
                     tumor = np.clip(by_role["tumor_cell"], 0, None)
-        if lymph is None:
+        if lymph is None and nucleus_counts:
             nuc = store.nuclei_counts()
             if nuc is not None and nuc.shape[0] == n:
                 lymph, source = np.clip(nuc[:, 0].astype(np.float64), 0, None), "nucleus_counter"

@@ -33,6 +33,7 @@ def biomarkers_for_store(
     cells: pd.DataFrame | str | os.PathLike[str] | None = None,
     params: BiomarkerParams | None = None,
     cell_role_map: Mapping[str, str] | None = None,
+    nucleus_counts: bool = True,
 ) -> BiomarkerResult:
     """All biomarkers of one slide from its store (docs/biomarkers.md, docs/output-schema.md).
 
@@ -42,6 +43,8 @@ def biomarkers_for_store(
     cells: a cell table (DataFrame with ``x, y`` level-0 px and ``class``) or a path for
     :func:`read_cell_table`; it takes precedence for the lymphocyte counts.
     The row gets ``cell_table_path`` (the path, or None for no table or an in-memory one).
+    nucleus_counts: use the nucleus counter's counts when they are the best source (False:
+    ignore them, e.g. when the counter was switched off for this run).
     """
     from tmequant.tiling.store import SlideStore
 
@@ -60,7 +63,7 @@ def biomarkers_for_store(
     elif cells is not None:
         cell_path = str(cells)
         table = read_cell_table(cells)
-    grid = TileGrid.from_store(st, model_name)
+    grid = TileGrid.from_store(st, model_name, nucleus_counts=nucleus_counts)
     res = compute_biomarkers(grid, cells=table, params=params, cell_role_map=cell_role_map)
     res.row["cell_table_path"] = cell_path
     log.debug("%s: biomarkers from predictions/%s (counts: %s)", st.path, model_name,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -12,41 +11,41 @@ from tmequant.cli._app import app, fail
 
 @app.command("run")
 def run_cmd(
-    slides: List[str] = typer.Argument(
+    slides: list[str] = typer.Argument(
         ..., help="Slide files, folders, glob patterns or a CSV manifest (slide_id,path[,mpp])."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (cohort tables, report, stores, per-slide results)."),
     model: str = typer.Option(..., "--model", "-m",
                               help="Model folder, registered name (`tmequant models list`) or hf-hub:org/name."),
-    cells_dir: Optional[Path] = typer.Option(
+    cells_dir: Path | None = typer.Option(
         None, "--cells-dir", help="Folder of cell tables <slide_id>.geojson|.geojson.gz|.csv|.parquet "
         "(x, y in level-0 px, class); they replace model/counter counts for their slide."),
-    params: Optional[Path] = typer.Option(
+    params: Path | None = typer.Option(
         None, "--params", help="TOML/YAML parameters file with biomarkers, nucleus_counter and tiling sections."),
-    mpp: Optional[float] = typer.Option(
+    mpp: float | None = typer.Option(
         None, "--mpp", help="Target pixel size of the tiles, um/px (default: the model card's; 0.5 for the built-ins)."),
-    tile_px: Optional[int] = typer.Option(
+    tile_px: int | None = typer.Option(
         None, "--tile-px", help="Tile side in pixels at --mpp (default: the model card's; 224 for the built-ins)."),
-    mpp_override: Optional[float] = typer.Option(
+    mpp_override: float | None = typer.Option(
         None, "--mpp-override", help="Level-0 pixel size, um/px, for slides whose file lacks it (or is wrong); "
         "a manifest `mpp` column wins per slide. Range 0.05-20."),
     counter: str = typer.Option(
         "on", "--counter", help="Nucleus counter (lymphocyte counts per tile) when the model has no count "
         "head and no cell table is given: on or off.", show_default=True),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
-    batch_size: Optional[int] = typer.Option(
+    batch_size: int | None = typer.Option(
         None, "--batch-size", "-b", help="Tiles per inference batch (default: 32 on CPU, 256 on CUDA; halved on out-of-memory)."),
-    workers: Optional[int] = typer.Option(
+    workers: int | None = typer.Option(
         None, "--workers", "-j", help="Reader threads per slide for tiling and counting (default: min(4, CPUs))."),
-    scheduler: Optional[str] = typer.Option(
+    scheduler: str | None = typer.Option(
         None, "--scheduler", help="Dask scheduler address (tcp://host:8786): slides run on its workers; "
         "inference on workers started with --resources GPU=1 when there are any."),
-    local_workers: Optional[int] = typer.Option(
+    local_workers: int | None = typer.Option(
         None, "--local-workers", help="Start a local Dask cluster of N worker processes for the slides."),
     wait: bool = typer.Option(
         False, "--wait", help="If another run holds --out, wait for it instead of stopping."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo every stage of every slide from scratch (needed when --out holds stores made with other parameters)."),
-    title: Optional[str] = typer.Option(None, "--title", help="Title of the HTML report."),
+    title: str | None = typer.Option(None, "--title", help="Title of the HTML report."),
 ) -> None:
     """Tile, predict, count and compute biomarkers for every slide, then the cohort report.
 
@@ -61,7 +60,9 @@ def run_cmd(
     from tmequant.errors import InputError
     from tmequant.inputs import expand_slides, parse_mpp
     from tmequant.params import (
-        biomarker_params_from_file, dataclass_from_mapping, load_params_file,
+        biomarker_params_from_file,
+        dataclass_from_mapping,
+        load_params_file,
         nucleus_counter_params_from_file,
     )
     from tmequant.pipeline import get_model, run_batch
