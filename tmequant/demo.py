@@ -316,11 +316,12 @@ def run_demo(
 
     Phantoms are 6 x 5 mm at 0.5 um/px unless ``width_px``/``height_px`` say otherwise
     (presets need about 5 x 4 mm or more). Slides that already exist with their truth are
-    reused, and the pipeline resumes, so a rerun is quick.
+    reused, and the pipeline resumes, so a rerun is quick. ``device``: where the model runs
+    (the CPU by default: fp32 everywhere, so the demo's numbers are the same on every machine).
     """
     from tmequant.errors import InputError
     from tmequant.inference.nuclei import NucleusCounterParams
-    from tmequant.models import get_card
+    from tmequant.models import ModelCard, get_card
     from tmequant.phantom import SCENARIOS, generate_phantom, load_truth, scenario_spec
     from tmequant.pipeline import atomic_write_text, run_batch
     from tmequant.provenance import package_version, to_jsonable
@@ -332,11 +333,7 @@ def run_demo(
         raise InputError(f"unknown scenario(s) {bad or scenarios}; choose from {', '.join(presets)}")
     if len(set(scenarios)) != len(scenarios):
         raise InputError("each scenario may be given once")
-    card, _ = get_card(model) if not Path(model).exists() else (None, None)
-    if card is None:
-        from tmequant.models import ModelCard
-
-        card = ModelCard.load(model)
+    card = ModelCard.load(model) if Path(model).exists() else get_card(model)[0]
     tile_um = card.tile_px * card.mpp_um
     out = Path(out_dir)
     ph_dir = out / "phantoms"

@@ -1,7 +1,8 @@
 """Batched prediction over a slide store: ``tiles/images`` -> ``predictions/<model_name>``.
 
 The pipeline keeps the accelerator busy: a DataLoader reads contiguous uint8 slices of
-``tiles/images`` in worker processes (pinned memory on CUDA), the uint8 batch travels to the
+``tiles/images`` in worker processes (pinned memory on CUDA; a card's ``stain_normalization``
+is applied there, per tile, exactly as in training), the uint8 batch travels to the
 device (4x fewer bytes than float) and is normalised there, the network runs in
 ``channels_last`` under autocast (bf16 where the GPU supports it, else fp16; fp32 on the
 CPU), optionally compiled. An out-of-memory error halves the micro-batch and retries.
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tmequant.errors import InputError, StoreError
 from tmequant.models import LoadedModel, ModelCard, TmeNet, load_model
+from tmequant.models.stain import normalize_batch
 from tmequant.progress import ProgressBar
 from tmequant.provenance import package_version, params_hash
 from tmequant.tiling.store import SlideStore, clear_complete, is_complete, mark_complete, open_group
@@ -106,8 +108,10 @@ class TileRanges(Dataset):
     Contiguous slices read whole zarr chunks; the array is opened lazily in each worker.
     """
 
-    def __init__(self, store_path: str, ranges: list[tuple[int, int]], pad_to: int = 0):
+    def __init__(self, store_path: str, ranges: list[tuple[int, int]], pad_to: int = 0,
+                 stain: dict[str, Any] | None = None):
         self.store_path, self.ranges, self.pad_to = store_path, ranges, pad_to
+        self.stain = stain  # the card's stain normalisation, applied here in the readers
         self._images: zarr.Array | None = None
 
     def __len__(self) -> int:
@@ -120,6 +124,8 @@ class TileRanges(Dataset):
             self._images = arr
         start, stop = self.ranges[i]
         x = np.ascontiguousarray(self._images[start:stop])
+        if self.stain is not None:  # per tile, as in training: same pixels, same numbers
+            x = normalize_batch(x, self.stain)
         if self.pad_to and len(x) < self.pad_to:  # static shapes for torch.compile
             x = np.concatenate([x, np.zeros((self.pad_to - len(x),) + x.shape[1:], x.dtype)])
         return start, stop, torch.from_numpy(x)
@@ -382,7 +388,8 @@ def _loop(
     if path.startswith("memory://"):
         num_workers = 0  # fsspec's in-memory filesystem lives in this process: no reader processes
     ranges = _batch_ranges(todo, n, chunk_rows, bs)
-    ds = TileRanges(path, ranges, pad_to=bs if compile else 0)
+    stain = card.stain_normalization.model_dump() if card.stain_normalization else None
+    ds = TileRanges(path, ranges, pad_to=bs if compile else 0, stain=stain)
     loader = DataLoader(
         ds, batch_size=None, shuffle=False, num_workers=num_workers,
         pin_memory=dev.type == "cuda", worker_init_fn=_worker_init if num_workers else None,

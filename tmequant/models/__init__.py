@@ -5,7 +5,13 @@
 >>> m.card.tissue_classes, m.model(x)["tissue_logits"].shape   # doctest: +SKIP
 """
 
-from tmequant.models.card import CARD_FILE, WEIGHTS_FILE, ModelCard, format_validation_error
+from tmequant.models.card import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    ModelCard,
+    StainNormalization,
+    format_validation_error,
+)
 from tmequant.models.factory import (
     TmeNet,
     create_model,
@@ -21,13 +27,16 @@ from tmequant.models.io import (
     save_model,
 )
 from tmequant.models.registry import ModelInfo, get_card, list_models, random_card
+from tmequant.models.stain import MacenkoNormalizer, macenko_fit, macenko_normalize
 
 __all__ = [
     "CARD_FILE",
     "WEIGHTS_FILE",
     "LoadedModel",
+    "MacenkoNormalizer",
     "ModelCard",
     "ModelInfo",
+    "StainNormalization",
     "TmeNet",
     "create_model",
     "efficientnet_lite0_weights_path",
@@ -39,6 +48,8 @@ __all__ = [
     "load_folder",
     "load_model",
     "load_state_into",
+    "macenko_fit",
+    "macenko_normalize",
     "random_card",
     "save_model",
 ]

@@ -10,6 +10,7 @@ class names. Validation errors always name the offending field.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -52,6 +53,52 @@ def _check_role_map(
         raise ValueError(f"{field}: unknown roles {bad}; valid roles are {list(vocab)}")
 
 
+class StainNormalization(BaseModel):
+    """Stain normalisation applied to every tile before the network (training and inference).
+
+    ``stain_matrix``: (2, 3) target optical-density vectors, rows haematoxylin then eosin;
+    ``max_concentrations``: (2,) target 99th-percentile H and E concentrations; ``source``:
+    the target image (name and sha256). See :mod:`tmequant.models.stain`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="normalisation method; only 'macenko' is known")
+    stain_matrix: list[list[float]] = Field(description="(2, 3) target H and E OD vectors")
+    max_concentrations: list[float] = Field(description="(2,) target max H, E concentrations")
+    od_threshold: float = Field(default=0.15, gt=0, lt=10, description="background OD cut-off")
+    angle_percentile: float = Field(default=1.0, ge=0, lt=50, description="stain angle percentile")
+    source: str = Field(default="", description="target image name and sha256")
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, v: str) -> str:
+        if v != "macenko":
+            raise ValueError(f"unknown method {v!r}; known: ['macenko']")
+        return v
+
+    @field_validator("stain_matrix")
+    @classmethod
+    def _matrix_ok(cls, v: list[list[float]]) -> list[list[float]]:
+        if len(v) != 2 or any(len(r) != 3 for r in v):
+            raise ValueError("must be 2 rows (H, E) of 3 OD values (R, G, B)")
+        for r in v:
+            if not all(math.isfinite(x) for x in r):
+                raise ValueError("values must be finite")
+            if math.sqrt(sum(x * x for x in r)) < 1e-6:
+                raise ValueError("a stain vector is zero")
+        return v
+
+    @field_validator("max_concentrations")
+    @classmethod
+    def _conc_ok(cls, v: list[float]) -> list[float]:
+        if len(v) != 2:
+            raise ValueError("must be 2 values (H, E)")
+        if not all(math.isfinite(x) and x > 0 for x in v):
+            raise ValueError("values must be finite and > 0")
+        return v
+
+
 class ModelCard(BaseModel):
     """Model card (``model.json``); see docs/store-layout.md and docs/biomarkers.md.
 
@@ -79,6 +126,8 @@ class ModelCard(BaseModel):
     license: str = "unknown"
     training: dict[str, Any] = Field(default_factory=dict, description="training provenance")
     metrics: dict[str, Any] = Field(default_factory=dict, description="evaluation metrics")
+    stain_normalization: StainNormalization | None = Field(
+        default=None, description="stain normalisation every tile gets before the network")
 
     @field_validator("name")
     @classmethod
@@ -157,7 +206,11 @@ class ModelCard(BaseModel):
         raise KeyError(f"unknown role {role!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        if d.get("stain_normalization") is None:
+            # Cards (and predictions params hashes) of models without it stay as they were.
+            d.pop("stain_normalization", None)
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)

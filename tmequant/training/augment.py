@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+# Macenko stain normalisation lives in tmequant.models.stain (inference applies it from the
+# model card without importing training); re-exported here for compatibility.
+from tmequant.models.stain import MacenkoNormalizer, macenko_stains
+
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB) in optical density,
 # as in skimage.color.rgb_from_hed.
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -87,54 +91,5 @@ def augment(
         x = x + 255.0 * rng.uniform(-cfg.brightness, cfg.brightness)
     return np.clip(x, 0, 255).astype(np.float32)
 
-
-# --------------------------------------------------------------------------------------
-# Macenko stain normalisation (Macenko et al. 2009)
-
-
-def macenko_stains(
-    rgb: np.ndarray, beta: float = 0.15, alpha_pct: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """(stain matrix (2, 3) rows H then E in OD, 99th-percentile concentrations (2,)).
-
-    Pixels with OD below ``beta`` in any channel (background) are ignored.
-    """
-    od = _od(rgb).reshape(-1, 3).astype(np.float64)
-    tissue = od[(od > beta).all(axis=1)]
-    if len(tissue) < 16:
-        raise ValueError("too little tissue for Macenko stain estimation")
-    _, vecs = np.linalg.eigh(np.cov(tissue.T))
-    plane = vecs[:, 1:3]  # the two largest eigenvectors
-    proj = tissue @ plane
-    phi = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(phi, alpha_pct), np.percentile(phi, 100 - alpha_pct)
-    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
-    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
-    # Haematoxylin absorbs more red than eosin does: its OD vector has the larger R part.
-    he = np.stack([v1, v2]) if v1[0] > v2[0] else np.stack([v2, v1])
-    he = he * np.sign(he.sum(axis=1, keepdims=True))  # OD vectors are positive
-    he = he / np.linalg.norm(he, axis=1, keepdims=True)
-    conc = np.linalg.lstsq(he.T, od.T, rcond=None)[0]
-    return he, np.percentile(conc, 99, axis=1)
-
-
-class MacenkoNormalizer:
-    """Map tiles onto the stain matrix and concentration range of a target image.
-
-    >>> norm = MacenkoNormalizer(target_rgb)      # doctest: +SKIP
-    >>> out = norm(tile_rgb)                      # (H, W, 3) uint8
-    """
-
-    def __init__(self, target_rgb: np.ndarray):
-        self.stains, self.max_conc = macenko_stains(target_rgb)
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        try:
-            he, max_c = macenko_stains(rgb)
-        except (ValueError, np.linalg.LinAlgError):
-            return rgb  # a background tile: nothing to normalise
-        od = _od(rgb).reshape(-1, 3).astype(np.float64)
-        conc = np.linalg.lstsq(he.T, od.T, rcond=None)[0]
-        conc *= (self.max_conc / np.maximum(max_c, 1e-6))[:, None]
-        out = _from_od(conc.T @ self.stains)
-        return out.reshape(rgb.shape).astype(np.uint8)
+__all__ = ["AugmentConfig", "MacenkoNormalizer", "augment", "dihedral", "hed_jitter",
+           "macenko_stains", "scale_jitter"]

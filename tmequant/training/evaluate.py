@@ -164,11 +164,12 @@ def evaluate(
     (any label source; tiles are read at the card's tile size and MPP).
 
     ``split``: with a model folder holding ``split.csv`` (written by ``train``), evaluate
-    only the tiles of that split (``val``, ``test`` or ``train``).
+    only the tiles of that split (``val``, ``test`` or ``train``). ``macenko_target``: an
+    image to normalise stains to, overriding the card's ``stain_normalization`` (which
+    applies by default); ``EvalResult.extra["stain_normalization"]`` records what was used.
     """
     from tmequant.models import LoadedModel, load_model
-    from tmequant.training.augment import MacenkoNormalizer
-    from tmequant.training.dataset import read_image
+    from tmequant.models.stain import MacenkoNormalizer
     from tmequant.training.trainer import resolve_device
 
     dev = resolve_device(device)
@@ -190,9 +191,23 @@ def evaluate(
         labels = labels.subset([i for i, s in enumerate(sp) if s == split])
         if not len(labels):
             raise InputError(f"split {split!r} of this model holds no tiles of the data", sc)
-    macenko = MacenkoNormalizer(read_image(macenko_target)) if macenko_target else None
+    # The card's stain normalisation by default (what training and predict_store apply);
+    # an explicit target overrides it and is recorded in ``extra``.
+    stain: dict[str, Any] | None = None
+    if macenko_target:
+        from tmequant.training.trainer import macenko_from_target
+
+        macenko, stain = macenko_from_target(macenko_target)
+    elif card.stain_normalization is not None:
+        stain = card.stain_normalization.model_dump()
+        macenko = MacenkoNormalizer.from_params(stain)
+    else:
+        macenko = None
     probs, counts = predict_labels(lm.model, card, labels, batch_size, dev, macenko, progress)
     metrics = metrics_from_predictions(labels, card, probs, counts)
     return EvalResult(
-        metrics=metrics, probs=probs, counts=counts, labels=labels, model_name=card.name
+        metrics=metrics, probs=probs, counts=counts, labels=labels, model_name=card.name,
+        extra={"stain_normalization": stain,
+               "stain_normalization_from": "macenko_target" if macenko_target
+               else ("card" if stain else None)},
     )

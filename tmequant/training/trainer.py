@@ -311,6 +311,19 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 # train
 
 
+def macenko_from_target(path: str | Path) -> tuple[MacenkoNormalizer, dict[str, Any]]:
+    """(normaliser, ``ModelCard.stain_normalization`` dict) fitted on the image ``path``."""
+    import hashlib
+
+    p = Path(path)
+    try:
+        norm = MacenkoNormalizer(read_image(p))
+    except ValueError as e:
+        raise InputError(f"--macenko-target: {e}; choose a tile with more tissue", p) from None
+    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+    return norm, norm.card_params(source=f"{p.name} sha256:{sha}")
+
+
 def build_card(cfg: TrainConfig, labels: LabelSet):
     from tmequant.models import ModelCard
 
@@ -387,6 +400,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.warning("classes %s have no training tiles (all in val/test)", missing)
 
     card = build_card(cfg, labels)
+    macenko = None
+    if cfg.macenko_target:
+        # Fitted once; the card carries it so `tmequant predict` and `evaluate` apply it too.
+        macenko, card.stain_normalization = macenko_from_target(cfg.macenko_target)
     model = create_model(card, pretrained=cfg.pretrained and not cfg.init_from)
     if cfg.init_from:
         _init_weights(model, cfg.init_from)
@@ -397,11 +414,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    macenko = MacenkoNormalizer(read_image(cfg.macenko_target)) if cfg.macenko_target else None
-    if macenko is not None:
-        # The card has no field for it: `tmequant predict` feeds raw store tiles.
-        log.warning("Macenko normalisation applies to training (and evaluate(macenko_target=)) "
-                    "only; `tmequant predict` feeds raw tiles (target in training.config)")
     ds = TileDataset(
         train_set, cfg.tile_px, cfg.mpp_um, card.mean, card.std, cfg.augment, cfg.seed, macenko
     )
