@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -88,14 +89,18 @@ def test_cli_writes_tables_and_geojson(tmp_path):
     assert df["til_density_intratumoral_per_mm2"].iloc[0] == pytest.approx(1 / 0.012544)
     tls = pd.read_csv(out / "tls.csv")
     assert (tls["slide_id"] == "s1").sum() == 1
-    comp = json.loads((out / "s1.compartments.geojson").read_text())
-    names = {f["properties"]["classification"]["name"] for f in comp["features"]}
-    assert {"bulk", "margin", "core", "epithelium"} <= names
-    bulk = [f for f in comp["features"] if f["properties"]["name"] == "bulk"]
+    with zipfile.ZipFile(out / "s1.geojson.zip") as zf:  # QuPath imports .zip directly
+        comp = json.loads(zf.read("s1.geojson"))
+    ann = [f for f in comp["features"] if f["properties"]["objectType"] == "annotation"]
+    names = {f["properties"]["classification"]["name"] for f in ann}
+    assert {"Tumor bulk", "Invasive margin", "Tumor core", "Tumor epithelium"} <= names
+    bulk = [f for f in ann if f["properties"]["classification"]["name"] == "Tumor bulk"]
     xs = np.array(bulk[0]["geometry"]["coordinates"][0])[:, 0]
     assert xs.min() == pytest.approx(10 * 448.0) and xs.max() == pytest.approx(30 * 448.0)
-    tls_geo = json.loads((out / "s1.tls.geojson").read_text())
-    assert len(tls_geo["features"]) == 1
+    tls_geo = [f for f in ann if f["properties"]["classification"]["name"] == "TLS"]
+    assert len(tls_geo) == 1
+    tiles = [f for f in comp["features"] if f["properties"]["objectType"] == "tile"]
+    assert len(tiles) == zarr.open_group(str(tmp_path / "s1.zarr"), mode="r")["tiles/coords"].shape[0]
 
 
 def test_cli_isolates_failures_and_bad_params(tmp_path):

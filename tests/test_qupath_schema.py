@@ -145,7 +145,8 @@ def test_feature_collection_field_by_field(slide, tmp_path):
     for f in anns:
         assert f["properties"]["name"]
         by_name.setdefault(f["properties"]["classification"]["name"], []).append(f)
-    assert set(by_name) == {"Tumor bulk", "Invasive margin", "TLS"}
+    # this grid's bulk is all tumour (no stroma inside): core and epithelium, no stroma
+    assert set(by_name) == {"Tumor bulk", "Invasive margin", "Tumor core", "Tumor epithelium", "TLS"}
     bulk = shapely.union_all([shape(f["geometry"]) for f in by_name["Tumor bulk"]])
     # the bulk raster's cells, one box each, placed by the compartments' grid origin
     comp = res.compartments
@@ -176,7 +177,7 @@ def test_geojson_reads_back_and_is_deterministic(slide, tmp_path):
     feats = read_features(a)  # our own QuPath reader (also reads QuPath's exports)
     assert [f.object_type for f in feats].count("tile") == store.n_tiles
     assert {f.classification for f in feats if f.object_type == "annotation"} == \
-        {"Tumor bulk", "Invasive margin", "TLS"}
+        {"Tumor bulk", "Invasive margin", "Tumor core", "Tumor epithelium", "TLS"}
     for suffix in (".geojson.zip", ".geojson.gz"):  # no time stamps inside: identical bytes
         z1 = write_slide_geojson(tmp_path / f"a{suffix}", store, "m", res).read_bytes()
         z2 = write_slide_geojson(tmp_path / "again" / f"a{suffix}", store, "m", res).read_bytes()

@@ -687,8 +687,9 @@ def slide_features(store: Any, model_name: str, res: Any, slide_id: str | None =
     in the report), measurements ``P(<class>)`` for every class, ``Lymphocyte count`` and
     ``Lymphocyte density per mm^2`` (the counts the biomarkers used), the model's cell
     counts (``<class> count``) and the nucleus counter's (``Nuclei <column> count``) when
-    present, and ``Tissue fraction``. Annotations: ``Tumor bulk``, ``Invasive margin`` (one
-    per connected part, area in um^2) and each TLS. Coordinates: level-0 px, origin top-left.
+    present, and ``Tissue fraction``. Annotations: ``Tumor bulk``, ``Invasive margin``,
+    ``Tumor core``, ``Tumor epithelium``, ``Tumor stroma`` (one per connected part, area in
+    um^2) and each TLS. Coordinates: level-0 px, origin top-left.
     Measurements that are not finite are left out (QuPath reads every value as a number).
     """
     from shapely import union_all
@@ -724,8 +725,8 @@ def slide_features(store: Any, model_name: str, res: Any, slide_id: str | None =
     mpp = float(store.slide_mpp_um)
     um2 = mpp * mpp
     ann: list[dict[str, Any]] = []
-    for key, label in (("bulk", "Tumor bulk"), ("margin", "Invasive margin")):
-        color = _hex_rgb(COMPARTMENT_STYLES[key][0])
+    for key, label in QUPATH_COMPARTMENTS:
+        color = _hex_rgb(COMPARTMENT_STYLES[key][0]) if key in COMPARTMENT_STYLES else _EXTRA_RGB[key]
         for j, g in enumerate(grid_mask_to_polygons(getattr(comp, key), comp.origin, size)):
             f = annotation_feature(g, label, color, {"Area um^2": g.area * um2})
             f["id"] = str(uuid.uuid5(_UUID_NS, f"{sid}/{key}/{j}"))
@@ -745,6 +746,12 @@ def slide_features(store: Any, model_name: str, res: Any, slide_id: str | None =
         f["id"] = str(uuid.uuid5(_UUID_NS, f"{sid}/tls/{rec['tls_id']}"))
         ann.append(f)
     return ann + feats
+
+
+# Annotation name per compartment, as a QuPath user reads them (outer regions first).
+QUPATH_COMPARTMENTS = (("bulk", "Tumor bulk"), ("margin", "Invasive margin"), ("core", "Tumor core"),
+                       ("epithelium", "Tumor epithelium"), ("tumor_stroma", "Tumor stroma"))
+_EXTRA_RGB = {"epithelium": (150, 0, 100), "tumor_stroma": (60, 160, 60)}
 
 
 def _tile_features(sid: str, coords: np.ndarray, size: float, classes: list[str],

@@ -13,59 +13,20 @@ from tmequant.cli._app import app, fail, finish_batch
 
 log = logging.getLogger("tmequant")
 
-_CELL_SUFFIXES = (".geojson", ".geojson.gz", ".json", ".csv", ".parquet", ".geoparquet")
-COMPARTMENT_COLORS = {"bulk": (200, 0, 0), "epithelium": (150, 0, 100), "tumor_stroma": (60, 160, 60),
-                      "margin": (240, 160, 0), "core": (120, 0, 0)}
-TLS_COLOR = (40, 40, 220)
-
 
 def cells_for_slide(cells: Path | None, slide_id: str, n_stores: int) -> Path | None:
     """The cell table of one slide: ``cells`` itself (one store) or ``<cells>/<slide_id>.<ext>``."""
     from tmequant.errors import InputError
+    from tmequant.pipeline import find_cell_table
 
     if cells is None:
         return None
     if cells.is_dir():
-        for suf in _CELL_SUFFIXES:
-            p = cells / f"{slide_id}{suf}"
-            if p.is_file():
-                return p
-        raise InputError(f"no cell table for slide {slide_id!r} (expected {slide_id}.geojson/.csv/.parquet)", cells)
+        return find_cell_table(cells, slide_id)
     if n_stores > 1:
         raise InputError("--cells names one file but several stores were given; pass a folder of "
                          "<slide_id>.geojson/.csv/.parquet files", cells)
     return cells
-
-
-def write_slide_geojson(out_dir: Path, slide_id: str, result: Any, tile_level0_px: float) -> list[Path]:
-    """``<slide_id>.compartments.geojson`` and ``<slide_id>.tls.geojson`` (QuPath annotations)."""
-    from shapely import union_all
-
-    from tmequant.qupath import annotation_feature, grid_mask_to_polygons, write_feature_collection
-
-    comp = result.compartments
-    um2_per_px2 = (result.row["slide_mpp_um"] or 1.0) ** 2
-    feats = []
-    for name, color in COMPARTMENT_COLORS.items():
-        for g in grid_mask_to_polygons(getattr(comp, name), comp.origin, tile_level0_px):
-            feats.append(annotation_feature(g, name, color, {"Area um^2": g.area * um2_per_px2}))
-    p1 = write_feature_collection(out_dir / f"{slide_id}.compartments.geojson", feats)
-    tls_feats = []
-    labels_r = comp.dense.paint(result.tls_labels, 0)
-    for rec in result.tls.to_dict("records"):
-        polys = grid_mask_to_polygons(labels_r == rec["tls_id"], comp.origin, tile_level0_px)
-        if not polys:
-            continue
-        g = union_all(polys)
-        tls_feats.append(annotation_feature(
-            g, f"TLS {rec['tls_id']}", TLS_COLOR,
-            {"Area um^2": rec["area_um2"], "Lymphocytes": rec["n_lymphocytes"],
-             "Mean density per mm^2": rec["mean_density_per_mm2"],
-             "Distance to bulk um": rec["distance_to_bulk_um"],
-             "Intratumoral": float(rec["location"] == "intratumoral")},
-            classification="TLS"))
-    p2 = write_feature_collection(out_dir / f"{slide_id}.tls.geojson", tls_feats)
-    return [p1, p2]
 
 
 @app.command("biomarkers")
@@ -92,8 +53,9 @@ def biomarkers_cmd(
     """Compute TIL density, immune exclusion and phenotype, TLS and composition per slide.
 
     Writes biomarkers.csv and biomarkers.parquet (one row per slide, units in column names,
-    parameters and params_hash), tls.csv, and per slide <slide_id>.compartments.geojson and
-    <slide_id>.tls.geojson for QuPath.
+    parameters and params_hash), tls.csv, and per slide <slide_id>.geojson.zip for QuPath
+    (File > Import objects): tiles with class probabilities and counts as measurements, and
+    the tumour bulk, margin, core, epithelium, stroma and TLS as annotations.
     """
     import pandas as pd
 
@@ -126,7 +88,9 @@ def biomarkers_cmd(
         cpath = cells_for_slide(cells, sid, len(paths))
         res = biomarkers_for_store(store, model, cells=cpath, params=bp)
         if geojson:
-            write_slide_geojson(out, sid, res, store.tile_level0_px)
+            from tmequant.pipeline import write_slide_geojson
+
+            write_slide_geojson(out / f"{sid}.geojson.zip", store, model, res)
         log.info("%s: %s, sTIL %.1f%%, %d TLS (counts: %s)", sid, res.row["immune_phenotype"],
                  res.row["stil_score_pct"], res.row["tls_count"], res.row["count_source"])
         return res

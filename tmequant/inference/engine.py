@@ -31,6 +31,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from tmequant._faults import checkpoint
 from tmequant.errors import InputError, StoreError
 from tmequant.models import LoadedModel, ModelCard, TmeNet, load_model
 from tmequant.models.stain import normalize_batch
@@ -410,6 +411,7 @@ def _loop(
         if counts_arr is not None:
             counts_arr[a:a + len(probs)] = torch.cat(res["cell_counts"]).cpu().numpy()
         flags[chunk] = 1  # after the rows: a chunk is done only once it is on disk
+        checkpoint("predict_chunk")  # tests: a kill between chunks
 
     desc = f"predict {Path(path).name} [{card.name}]"
     with ProgressBar(n_todo, desc, unit="tiles", enabled=progress) as bar:

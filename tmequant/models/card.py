@@ -24,6 +24,7 @@ from tmequant.roles import CELL_ROLES, TISSUE_ROLES
 CARD_SCHEMA_VERSION = 1
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
+MAX_CARD_BYTES = 16 << 20
 
 # A model name becomes a zarr group name (predictions/<name>) and a folder name.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -132,7 +133,7 @@ class ModelCard(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
+        if not _NAME_RE.fullmatch(v):  # fullmatch: "$" would let a final newline through
             raise ValueError(
                 f"name {v!r} must be 1-128 characters of letters, digits, '.', '_', '+', '-' "
                 "(it names a folder and a store group)"
@@ -233,11 +234,15 @@ class ModelCard(BaseModel):
         if p.is_dir():
             p = p / CARD_FILE
         try:
+            if p.stat().st_size > MAX_CARD_BYTES:  # a card is a few kB: refuse before reading
+                raise ModelError(f"model card is larger than {MAX_CARD_BYTES >> 20} MiB", p)
             data = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ModelError("model card not found", p) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelError(f"model card is not valid JSON: {e}", p) from None
+        except RecursionError:
+            raise ModelError("model card is not valid JSON: nested too deeply", p) from None
         return cls.from_dict(data, p)
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from tmequant._faults import checkpoint
 from tmequant.errors import StoreError
 from tmequant.inputs import SlideSpec, slide_id_from_path, validate_slide_id
 from tmequant.progress import ProgressBar
@@ -342,6 +343,7 @@ def _write_tiles(slide: Slide, level: int, plan: TilePlan, params: TilingParams,
                 b = a + int(need[next_shard])
                 arr[a:b] = np.stack([staged.pop(i) for i in range(a, b)])
                 next_shard += 1
+                checkpoint("tile_shard")  # tests: a kill between shards
     assert next_shard == n_shards and not staged
 
 

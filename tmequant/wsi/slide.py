@@ -28,6 +28,7 @@ log = logging.getLogger("tmequant")
 
 MPP_MIN_UM, MPP_MAX_UM = 0.05, 20.0
 MPP_SOURCES = ("vendor", "tiff-resolution", "ome", "override")
+MAX_OME_XML_CHARS = 16 << 20
 _UNIT_TO_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0,
                "nm": 1e-3, "pm": 1e-6}
 # TIFF-based formats whose levels are plain tiled pages (read directly, see _TiledTiffLevels)
@@ -108,9 +109,13 @@ def _mpp_from_resolution(xres: Any, yres: Any, unit: Any) -> tuple[float, float]
 def _mpp_from_ome(ome_xml: str | None) -> tuple[float, float] | None:
     if not ome_xml:
         return None
+    if len(ome_xml) > MAX_OME_XML_CHARS:  # untrusted XML: bounded (expat fetches no entities)
+        log.warning("OME-XML of %d characters is over the %d limit; its pixel size is ignored",
+                    len(ome_xml), MAX_OME_XML_CHARS)
+        return None
     try:
         root = ET.fromstring(ome_xml)
-    except ET.ParseError:
+    except ET.ParseError:  # also entity-expansion bombs (expat >= 2.4 refuses them)
         return None
     for el in root.iter():
         if el.tag.endswith("Pixels"):
@@ -547,6 +552,17 @@ def _slide_from_openslide(p: Path, osr: Any, fmt: str, override: float | None,
     return Slide(info, _OpenSlideBackend(osr, scales, fast))
 
 
+def _check_not_truncated(p: Path, series: Any) -> None:
+    """SlideError when a level's image data runs past the end of the file (a cut copy)."""
+    size = p.stat().st_size
+    for lv in series.levels:
+        page = lv.keyframe
+        ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+        if ends and max(ends) > size:
+            raise SlideError(f"TIFF is truncated: its image data runs to byte {max(ends)} but the "
+                             f"file has {size} bytes (an incomplete copy or download?)", p)
+
+
 def _open_tifffile(p: Path, override: float | None, require: bool) -> Slide:
     import tifffile
 
@@ -568,6 +584,7 @@ def _open_tifffile(p: Path, override: float | None, require: bool) -> Slide:
         axes = series.axes
         if "Y" not in axes or "X" not in axes or any(a not in "YXSC" for a in axes):
             raise SlideError(f"TIFF image axes {axes!r} are not a 2-D RGB slide", p)
+        _check_not_truncated(p, series)
         page = series.levels[0].keyframe
         tags = page.tags
         tiff_mpp = None
