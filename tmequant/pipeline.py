@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tmequant._faults import checkpoint
 from tmequant.batch import Failure, one_line_reason
 from tmequant.biomarkers import BiomarkerParams
 from tmequant.errors import InputError, TmequantError
@@ -225,6 +226,8 @@ def output_lock(out_dir: str | os.PathLike[str], wait: bool = False,
     from filelock import FileLock, Timeout
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError("--out exists and is not a folder", out)
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / LOCK_NAME), is_singleton=False) if _filelock_has_singleton() \
         else FileLock(str(out / LOCK_NAME))
@@ -606,6 +609,7 @@ def write_slide_result(rdir: Path, slide_id: str, store: Any, model_name: str, r
                                                       lineterminator="\n"))
     atomic_write_bytes(rdir / "arrays.npz", _result_arrays(res))
     write_slide_geojson(rdir / f"{slide_id}{geojson_suffix}", store, model_name, res)
+    checkpoint("slide_result")  # tests: a kill with every file written but the marker
     atomic_write_text(marker, _json_dumps({"slide_id": slide_id, "inputs_hash": inputs_hash,
                                            "inputs": inputs, "complete": True}))
 
