@@ -39,3 +39,17 @@ def _torch_threads():
     torch.set_num_threads(min(n, 2))
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_tmequant_logging():
+    """In-process CLI calls configure the `tmequant` logger (-q, -v); undo that per test."""
+    import logging
+
+    from tmequant import progress
+
+    logger = logging.getLogger("tmequant")
+    saved = (list(logger.handlers), logger.level, logger.propagate, progress._enabled_default)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    progress.set_progress_enabled(saved[3])

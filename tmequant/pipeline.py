@@ -215,6 +215,25 @@ def _json_default(o: Any) -> Any:
 # --- the output-folder lock -------------------------------------------------------------
 
 @contextmanager
+def _remove_stale_temp_files(out: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>`` files a killed run left behind (never read, only clutter).
+
+    Called with the output lock held, before this run writes anything: no other writer can
+    own them. Slide stores are left alone (zarr keeps no such files).
+    """
+    for sub in ("", "results", "figures", "slides"):
+        base = out / sub
+        if not base.is_dir():
+            continue
+        for p in base.rglob(".*.tmp-*"):
+            if p.is_file() and ".zarr" not in p.parts[-2:]:
+                try:
+                    p.unlink()
+                    log.debug("removed stale temporary file %s", p)
+                except OSError:
+                    pass
+
+
 def output_lock(out_dir: str | os.PathLike[str], wait: bool = False,
                 poll_s: float = 0.5) -> Iterator[None]:
     """Hold ``<out_dir>/.tmequant.lock`` for the duration; one run per output folder.
@@ -242,6 +261,7 @@ def output_lock(out_dir: str | os.PathLike[str], wait: bool = False,
                 "finish, pass --wait to queue behind it, or choose another --out", out) from None
         log.info("%s: waiting for the run holding the folder (%s)", out, holder)
         lock.acquire(timeout=-1, poll_interval=poll_s)
+    _remove_stale_temp_files(out)
     try:
         atomic_write_text(info_path, json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(),

@@ -7,6 +7,7 @@ error; 2 bad usage or input (options, manifest, params file); 130 interrupted (C
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from tmequant.cli._app import app
 from tmequant.errors import TmequantError
@@ -52,8 +53,29 @@ _INTERRUPTED = "interrupted: finished work is kept; rerun the same command to re
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    import signal
+    import threading
+
     import typer
 
+    # SIGTERM (kill, a batch scheduler's time limit) stops like Ctrl-C: finished work is kept,
+    # the output lock is released, and a message says how to resume.
+    restore = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        restore = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _main(argv, typer)
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _main(argv: list[str] | None, typer: Any) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int):  # click returns typer.Exit's code instead of raising it
