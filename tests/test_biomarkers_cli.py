@@ -115,3 +115,13 @@ def test_cli_isolates_failures_and_bad_params(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("margn_um = 3\n")
     assert main(["-q", "biomarkers", str(s1), "--model", "toy", "--params", str(bad), "--out", str(out)]) == 2
+
+
+def test_counter_switched_off_ignores_stored_nucleus_counts(tmp_path):
+    from tmequant.biomarkers import biomarkers_for_store
+
+    s1 = write_store(tmp_path / "s1.zarr", "s1")  # has nuclei/counts
+    on = biomarkers_for_store(str(s1), "toy")
+    off = biomarkers_for_store(str(s1), "toy", nucleus_counts=False)
+    assert on.row["count_source"] == "nucleus_counter"
+    assert off.row["count_source"] == "area_estimate"

@@ -53,3 +53,45 @@ def test_saved_result_is_ignored_when_its_inputs_changed(tmp_path: Path):
     assert pipeline.load_slide_result(tmp_path, "abc") is None  # nothing saved
     (tmp_path / "done.json").write_text('{"inputs_hash": "other", "complete": true}')
     assert pipeline.load_slide_result(tmp_path, "abc") is None  # other inputs
+
+
+def test_lock_removes_temporaries_a_killed_run_left(tmp_path: Path):
+    stale = tmp_path / "results" / "S1" / ".biomarkers.json.tmp-4242"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{half")
+    kept = tmp_path / "results" / "S1" / "biomarkers.json"
+    kept.write_text("{}")
+    with pipeline.output_lock(tmp_path):
+        assert not stale.exists()
+    assert kept.read_text() == "{}"
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path: Path):
+    """SIGTERM mid-run: exit 130, the resume message, the lock released."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tmequant.wsi.write import write_pyramid_tiff
+
+    import numpy as np
+
+    img = np.full((3000, 3000, 3), 200, np.uint8)
+    img[200:2800, 200:2800] = (170, 90, 160)  # tissue everywhere: many tiles to write
+    slide = write_pyramid_tiff(tmp_path / "big.svs", img, 0.25, flavor="svs")
+    env = dict(os.environ, TMEQUANT_FAULT="tile_shard:1", TMEQUANT_FAULT_SIGNAL="STOP")
+    p = subprocess.Popen([sys.executable, "-m", "tmequant", "tile", str(slide), "--out",
+                          str(tmp_path / "out"), "--tile-px", "32"], env=env,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:  # wait until it parks at the checkpoint
+        if (tmp_path / "out" / "big.zarr").exists():
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGCONT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err

@@ -214,7 +214,6 @@ def _json_default(o: Any) -> Any:
 
 # --- the output-folder lock -------------------------------------------------------------
 
-@contextmanager
 def _remove_stale_temp_files(out: Path) -> None:
     """Delete ``.<name>.tmp-<pid>`` files a killed run left behind (never read, only clutter).
 
@@ -234,6 +233,7 @@ def _remove_stale_temp_files(out: Path) -> None:
                     pass
 
 
+@contextmanager
 def output_lock(out_dir: str | os.PathLike[str], wait: bool = False,
                 poll_s: float = 0.5) -> Iterator[None]:
     """Hold ``<out_dir>/.tmequant.lock`` for the duration; one run per output folder.
