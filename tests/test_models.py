@@ -92,7 +92,8 @@ def test_card_roles_and_json_round_trip(tmp_path: Path):
 
 # --- factory -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
+# mobilenetv3: its pooled features are wider (head_hidden_size) than num_features
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0", "mobilenetv3_small_050"])
 def test_factory_heads_and_shapes(arch: str):
     card = ModelCard.from_dict(card_dict(arch=arch))
     net = create_model(card).eval()

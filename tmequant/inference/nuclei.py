@@ -409,6 +409,10 @@ def _file_exists(path: str) -> bool:
     return bool(fs.exists(p))
 
 
+# Coarsest tile MPP the default parameters were measured at (histolytics nest, 0.5 um/px).
+COARSEST_CALIBRATED_MPP_UM = 0.6
+
+
 def count_store(
     store_path: str | os.PathLike[str],
     params: NucleusCounterParams | None = None,
@@ -461,6 +465,12 @@ def count_store(
                      path, grp.attrs.get("params_hash"))
 
     mpp = store.target_mpp_um
+    if mpp > COARSEST_CALIBRATED_MPP_UM and params == NucleusCounterParams():
+        # A 7 um lymphocyte is < 10 px here: blur lowers its haematoxylin peak below the
+        # default darkness rule, so counts drop (the phantom demo lowers the thresholds).
+        log.warning("%s: tiles are at %.2f um/px; the nucleus counter's defaults are calibrated at "
+                    "0.25-0.5 um/px and undercount lymphocytes on coarser tiles: tune "
+                    "[nucleus_counter] in a params file", store.slide_id, mpp)
     scale = store.tile_level0_px / store.tile_px  # level-0 px per stored px
     coords = store.coords
     images = store.images

@@ -38,7 +38,10 @@ class TmeNet(nn.Module):
         super().__init__()
         self.card = card  # plain attribute, not part of the state dict
         self.backbone = backbone
-        n_feat = int(backbone.num_features)  # type: ignore[arg-type]
+        # Width of the pooled features that the backbone returns with num_classes=0: timm's
+        # `head_hidden_size` where a pre-logits layer widens them (MobileNetV3, EfficientViT),
+        # else `num_features`.
+        n_feat = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)  # type: ignore[arg-type]
         self.num_features = n_feat
         self.tissue_head = nn.Linear(n_feat, card.n_tissue)
         self.count_head = nn.Linear(n_feat, card.n_cell) if card.has_count_head else None
