@@ -9,7 +9,6 @@ cell roles of :mod:`tmequant.roles` by :func:`cell_roles`.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,54 +17,17 @@ import pandas as pd
 
 from tmequant.errors import CellTableError
 
+# Class-name -> cell-role rules live in tmequant.roles, shared with the training labels.
+from tmequant.roles import DEFAULT_CELL_ROLE_MAP, cell_role
+
+__all__ = ["DEFAULT_CELL_ROLE_MAP", "DEFAULT_MAX_BYTES", "cell_role", "cell_roles", "read_cell_table"]
+
 DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB
 
 _X_NAMES = ("x", "x_px", "centroid_x", "centroid x px", "centroid_x_px", "cx", "xc")
 _Y_NAMES = ("y", "y_px", "centroid_y", "centroid y px", "centroid_y_px", "cy", "yc")
 _CLASS_NAMES = ("class", "class_name", "classification", "cell_type", "type", "label", "name")
 _UM_NAMES = ("centroid x µm", "centroid x um", "x_um")
-
-# Exact names first (lower case), then word rules. TIGER counts lymphocytes and plasma
-# cells together; HoVer-Net/CellViT/PanNuke "inflammatory" is mostly lymphocytes. PanNuke
-# "epithelial" is non-neoplastic epithelium and macrophages are not TILs: both are "other".
-DEFAULT_CELL_ROLE_MAP: dict[str, str] = {
-    "lymphocyte": "lymphocyte", "lymphocytes": "lymphocyte", "plasma cell": "lymphocyte",
-    "plasma": "lymphocyte", "plasma_cell": "lymphocyte", "inflammatory": "lymphocyte",
-    "til": "lymphocyte", "immune cells": "lymphocyte", "lymphoplasmacytic": "lymphocyte",
-    "tumor": "tumor_cell", "tumour": "tumor_cell", "neoplastic": "tumor_cell",
-    "tumor_cell": "tumor_cell", "tumor cell": "tumor_cell", "tumour cell": "tumor_cell",
-    "invasive tumor": "tumor_cell", "carcinoma": "tumor_cell",
-    "epithelial": "other", "macrophage": "other", "macrophage_cell": "other",
-    "macrophage_nucleus": "other", "connective": "other", "dead": "other", "necrosis": "other",
-}
-_LYMPH_RE = re.compile(r"lymph|plasma|inflamm")
-_TUMOR_RE = re.compile(r"tumou?r|neoplas|carcinom|malignan|cancer")
-_NEG_RE = re.compile(r"\bnon[-_ ]?|\bnot\b|\bnormal\b|\bbenign\b")
-
-
-def cell_role(name: object, mapping: Mapping[str, str] | None = None) -> str:
-    """Role (``lymphocyte``, ``tumor_cell`` or ``other``) of one class name.
-
-    ``mapping`` (lower-case name -> role) is consulted before the defaults. Unknown or
-    missing names are ``other``; ``non-tumor`` and the like are never tumour.
-    """
-    if name is None or (isinstance(name, float) and np.isnan(name)):
-        return "other"
-    key = str(name).strip().lower()
-    if mapping:
-        low = {str(k).strip().lower(): v for k, v in mapping.items()}
-        if key in low:
-            return low[key]
-    if key in DEFAULT_CELL_ROLE_MAP:
-        return DEFAULT_CELL_ROLE_MAP[key]
-    if _NEG_RE.search(key):
-        return "other"
-    if _LYMPH_RE.search(key):
-        return "lymphocyte"
-    if _TUMOR_RE.search(key):
-        return "tumor_cell"
-    return "other"
-
 
 def cell_roles(classes: pd.Series | np.ndarray, mapping: Mapping[str, str] | None = None) -> np.ndarray:
     """(M,) object array of roles for (M,) class names (each distinct name mapped once)."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tmequant.errors import InputError
-from tmequant.roles import CELL_ROLES, TISSUE_ROLES
+from tmequant.roles import CELL_ROLES, TISSUE_ROLES, cell_role
 
 log = logging.getLogger("tmequant")
 
@@ -67,20 +67,6 @@ _TISSUE_ROLE_HINTS: tuple[tuple[str, str], ...] = (
     ("muscle", "stroma"),
     ("fibro", "stroma"),
 )
-# Lymphocytes and plasma cells together are `lymphocyte` (as TIGER does); histolytics and
-# PanNuke call them "inflammatory".
-_CELL_ROLE_HINTS: tuple[tuple[str, str], ...] = (
-    ("lymph", "lymphocyte"),
-    ("plasma", "lymphocyte"),
-    ("inflam", "lymphocyte"),
-    ("til", "lymphocyte"),
-    ("immune", "lymphocyte"),
-    ("tumo", "tumor_cell"),
-    ("neoplas", "tumor_cell"),
-    ("cancer", "tumor_cell"),
-    ("epithel", "tumor_cell"),
-)
-
 
 def guess_tissue_role(name: str) -> str:
     """Role of a tissue class name: the NCT map first, then name fragments, else other_tissue."""
@@ -93,17 +79,6 @@ def guess_tissue_role(name: str) -> str:
         if frag in low:
             return role
     return "other_tissue"
-
-
-def guess_cell_role(name: str) -> str:
-    """Role of a cell class name: lymphocyte, tumor_cell or other."""
-    low = name.lower()
-    if low in CELL_ROLES:
-        return low
-    for frag, role in _CELL_ROLE_HINTS:
-        if frag in low:
-            return role
-    return "other"
 
 
 @dataclass(frozen=True)
@@ -574,7 +549,7 @@ def read_slide_annotations(
         tissue_classes=cls,
         cell_classes=ccls,
         tissue_roles=_roles_for(cls, roles, guess_tissue_role, TISSUE_ROLES, "tissue", src),
-        cell_roles=_roles_for(ccls, cell_roles, guess_cell_role, CELL_ROLES, "cell", src),
+        cell_roles=_roles_for(ccls, cell_roles, cell_role, CELL_ROLES, "cell", src),
         source=src,
     )
 
