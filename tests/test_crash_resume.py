@@ -100,6 +100,7 @@ KILLS = [
 ]
 
 
+@pytest.mark.slow
 def test_interrupted_runs_resume_to_identical_outputs(inputs, reference, tmp_path):
     out = tmp_path / "out"
     argv = run_argv(inputs, out)
@@ -125,6 +126,7 @@ def test_interrupted_runs_resume_to_identical_outputs(inputs, reference, tmp_pat
     assert_same_outputs(out, reference)
 
 
+@pytest.mark.slow
 def test_kill_leaves_unfinished_store_that_is_rebuilt(inputs, tmp_path):
     """A store killed mid-tiling has no marker; `predict` refuses it with one line; `tile` rebuilds it."""
     out = tmp_path / "tiles"

@@ -47,6 +47,7 @@ def _wait_stopped(proc: subprocess.Popen, timeout_s: float = 240) -> None:
     pytest.fail("the first run never reached its checkpoint")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP/SIGCONT are POSIX")
 def test_two_runs_on_one_folder(inputs, reference, tmp_path):
     """A (hung while counting nuclei, holding the lock); B without --wait: exit 1, one line naming the
@@ -78,6 +79,7 @@ def test_two_runs_on_one_folder(inputs, reference, tmp_path):
     assert_same_outputs(out, reference)
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_outputs(inputs, reference, tmp_path):
     """--workers 2 (reader threads for tiling and counting) vs the reference's --workers 1."""
     out = tmp_path / "out"

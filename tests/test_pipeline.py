@@ -66,6 +66,7 @@ def test_lock_removes_temporaries_a_killed_run_left(tmp_path: Path):
     assert kept.read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_like_ctrl_c(tmp_path: Path):
     """SIGTERM mid-run: exit 130, the resume message, the lock released."""
     import signal

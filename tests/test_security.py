@@ -118,6 +118,7 @@ def test_model_loading_never_unpickles(tmp_path, monkeypatch):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_crafted_store_slide_id_cannot_escape(tmp_path, capsys, monkeypatch):
     """A slide store from elsewhere whose slide_id attribute is '../..': `biomarkers` refuses it
     (one line), writes nothing outside --out."""
@@ -214,6 +215,7 @@ def test_ome_xml_bounded_and_without_entities(tmp_path):
 
 # --- HTML escaping --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_report_escapes_slide_text(tmp_path, capsys):
     """Slide paths, ids, failure reasons and the title carry markup: the report shows them as text."""
     from tmequant.cli import main

@@ -158,6 +158,7 @@ def _store_of(path: Path, tiles: np.ndarray, mpp_um: float) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_macenko_trained_model_predicts_like_evaluate(tmp_path: Path, caplog):
     from test_training_data import make_class_folders
 

@@ -36,6 +36,7 @@ def _csv(tmp_path: Path) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_learning_happens_on_real_tiles(tmp_path):
     folder = make_class_folders(tmp_path)
     out = tmp_path / "model"
@@ -86,6 +87,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_step_and_matches_uninterrupted(tmp_path):
     data = _csv(tmp_path)
     kw = dict(
@@ -120,6 +122,7 @@ def test_resume_continues_from_saved_step_and_matches_uninterrupted(tmp_path):
     assert [h["step"] for h in resumed.history] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_linear_probe_keeps_backbone_frozen(tmp_path):
     data = _csv(tmp_path)
     from tmequant.models import ModelCard, create_model, save_model
@@ -156,6 +159,7 @@ def test_linear_probe_keeps_backbone_frozen(tmp_path):
     assert res.card.training["init"] == str(tmp_path / "start")
 
 
+@pytest.mark.slow
 def test_count_head_trained_model_matches_predict_store(tmp_path):
     slide = shared_path("slides", "CMU-1-Small-Region.svs")
     data = tmp_path / "data"
@@ -217,6 +221,7 @@ def test_count_head_trained_model_matches_predict_store(tmp_path):
     assert matched >= 0.5 * len(ev.labels.samples)
 
 
+@pytest.mark.slow
 def test_cli_train_then_evaluate(tmp_path, capsys):
     from tmequant.cli import main
 
@@ -287,6 +292,7 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert rc == 2 and "FAT" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_early_stopping_on_a_flat_validation_metric(tmp_path):
     data = _csv(tmp_path)  # nine patients: some go to validation
     res = train(

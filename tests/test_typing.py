@@ -58,6 +58,7 @@ def test_py_typed_marker_is_shipped():
     assert '"py.typed"' in pyproject  # package-data: installed wheels carry it too
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_mypy_is_clean_on_the_package():
     if shutil.which("mypy") is None and subprocess.run(

@@ -20,6 +20,7 @@ from tmequant.cli import models as _models  # noqa: F401,E402
 from tmequant.cli import train as _train  # noqa: F401,E402
 from tmequant.cli import run as _run  # noqa: F401,E402
 from tmequant.cli import demo as _demo  # noqa: F401,E402
+from tmequant.cli import verify as _verify  # noqa: F401,E402
 
 __all__ = ["app", "main"]
 

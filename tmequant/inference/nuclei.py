@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import zarr
 from scipy import ndimage as ndi
 
 from tmequant._faults import checkpoint
@@ -53,11 +52,11 @@ from tmequant.errors import ParamsError
 from tmequant.progress import ProgressBar
 from tmequant.provenance import package_version
 from tmequant.provenance import params_hash as _params_hash
+from tmequant.store import SlideStore
 
 log = logging.getLogger("tmequant")
 
 COLUMNS = ("lymphocyte", "other")
-GROUP = "nuclei"
 METHOD = "hed-watershed-v1"
 
 
@@ -432,16 +431,9 @@ def count_store(
     recomputed. With ``cells_out``, every detection is written to that Parquet file as a cell
     table: ``x``, ``y`` in level-0 pixels of the slide, ``class``, ``tile_index``,
     ``area_um2``, ``mean_h_od`` (a local path or an fsspec URL). ``progress``: True/False, or
-    None to follow the process-wide switch (the CLI's --quiet).
+    None to follow the process-wide switch (the CLI's --quiet). The store is written under its
+    lock (another process writing it: StoreLockedError).
     """
-    from tmequant.tiling.store import (
-        SlideStore,
-        clear_complete,
-        is_complete,
-        mark_complete,
-        open_group,
-    )
-
     params = (params or NucleusCounterParams()).validate()
     phash = params.params_hash
     store = SlideStore(store_path)
@@ -450,19 +442,23 @@ def count_store(
     cells_path = None if cells_out is None else str(cells_out)
     if not params.enabled:
         return CountResult(path, n, phash, False, skipped_reason="nucleus counter disabled")
+    with SlideStore.open(path, "r+") as st:  # the store's lock, held while we write
+        return _count_locked(st, params, phash, workers, overwrite, progress, cells_path,
+                             chunk_tiles)
 
-    root = open_group(path, "r+")
-    old = root.get(GROUP)
-    if isinstance(old, zarr.Group) and not overwrite:
-        grp = old
-        if (is_complete(grp) and grp.attrs.get("params_hash") == phash
-                and (cells_path is None or _file_exists(cells_path))):
+
+def _count_locked(st: SlideStore, params: NucleusCounterParams, phash: str, workers: int | None,
+                  overwrite: bool, progress: bool | None, cells_path: str | None,
+                  chunk_tiles: int) -> CountResult:
+    store, path, n = st, st.path, st.n_tiles
+    old_hash = st.nuclei_params_hash()  # None: no finished counts
+    if not overwrite and old_hash is not None:
+        if old_hash == phash and (cells_path is None or _file_exists(cells_path)):
             log.info("%s: nuclei already counted (params %s), reusing", path, phash)
-            counts = np.asarray(grp["counts"][...], dtype=np.float32)  # type: ignore[index]
-            return CountResult(path, n, phash, False, counts=counts, cells_path=cells_path)
-        if is_complete(grp) and grp.attrs.get("params_hash") != phash:
-            log.info("%s: nuclei counted with other params (%s), recomputing",
-                     path, grp.attrs.get("params_hash"))
+            return CountResult(path, n, phash, False, counts=st.nuclei_counts(),
+                               cells_path=cells_path)
+        if old_hash != phash:
+            log.info("%s: nuclei counted with other params (%s), recomputing", path, old_hash)
 
     mpp = store.target_mpp_um
     if mpp > COARSEST_CALIBRATED_MPP_UM and params == NucleusCounterParams():
@@ -499,13 +495,7 @@ def count_store(
             bar.update(b)
 
     # write: group recreated without its marker, data, attributes, marker last
-    if isinstance(old, zarr.Group):
-        clear_complete(old)
-    grp = root.create_group(GROUP, overwrite=True)
-    arr = grp.create_array("counts", shape=(n, 2), dtype="float32",
-                           chunks=(max(1, min(n, 65536)), 2))
-    if n:
-        arr[...] = counts
+    st.write_nuclei_counts(counts)
     n_cells = None
     if cells_path is not None:
         cells = (pd.concat(frames, ignore_index=True) if frames
@@ -517,8 +507,7 @@ def count_store(
         n_cells = len(cells)
     seconds = time.perf_counter() - t0
     checkpoint("count")  # tests: a kill here leaves counts without their marker
-    mark_complete(
-        grp,
+    st.mark_nuclei_complete(
         columns=list(COLUMNS),
         params=params.to_dict(),
         params_hash=phash,
