@@ -211,6 +211,7 @@ def test_unreadable_permissions(tmp_path):
     assert store_done(out, "good") and not store_done(out, "locked")
 
 
+@pytest.mark.slow
 def test_zero_tissue_and_tissue_everywhere(ws):
     """A blank slide finishes with 0 tiles and a warning naming it; a slide covered in tissue
     keeps every tile of the grid. Both are clean results (exit 0), in `tile` and `run`."""
@@ -233,6 +234,7 @@ def test_zero_tissue_and_tissue_everywhere(ws):
     assert cohort.loc["full", "n_tiles"] == 144
 
 
+@pytest.mark.slow
 def test_huge_single_level_slide_memory_bounded(tmp_path):
     """A 20,000 x 20,000 px single-level TIFF (1.2 GB of pixels, written as identical
     pre-compressed tiles) is tiled with bounded memory: peak RSS well under the image size."""
@@ -269,6 +271,7 @@ def test_huge_single_level_slide_memory_bounded(tmp_path):
     assert s.n_tiles == (2048 // 256) ** 2  # the 2048 px tissue square in 256 level-0 px tiles
 
 
+@pytest.mark.slow
 def test_batch_of_bad_slides_through_run(ws):
     """`tmequant run` on good slides mixed with every kind of bad slide: exit 1, each bad one in
     failures.csv with its one-line reason naming its file, the good ones in the cohort."""
@@ -383,6 +386,7 @@ def test_some_cells_outside_slide_warn_and_count(ws):
     assert row["count_source"] == "cell_table" and row["n_cells"] == 21
 
 
+@pytest.mark.slow
 def test_bad_cell_table_in_run_fails_only_its_slide(ws):
     cdir = ws.inp / "cells"
     cdir.mkdir()

@@ -85,9 +85,10 @@ def test_implausible_mpp(tmp_path):
         open_slide(svs)
     with open_slide(svs, mpp_override_um=0.5) as s:  # an explicit override fixes it
         assert s.info.mpp_source == "override"
-    # resolution tags with an implausible value (72 dpi screen image) are ignored, not used
+    # resolution tags with an implausible value (72 dpi screen image) are never used, and the
+    # error names the value (it read "has no pixel size": issue 16)
     tif = write_pyramid_tiff(tmp_path / "dpi.tif", _image(300, 400), 25400 / 72, flavor="tiff")
-    with pytest.raises(SlideError, match="no pixel size"):
+    with pytest.raises(SlideError, match=r"pixel size 352.8 um/px \(tiff-resolution\) is outside"):
         open_slide(tif)
     with pytest.raises(SlideError, match="override"):
         open_slide(svs, mpp_override_um=100.0)

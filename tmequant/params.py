@@ -25,7 +25,8 @@ from tmequant.errors import ParamsError
 
 T = TypeVar("T")
 
-SECTIONS = ("biomarkers", "nucleus_counter", "tiling", "inference")
+# the sections something reads: any other is refused (a typo must not fall back to defaults)
+SECTIONS = ("biomarkers", "nucleus_counter", "tiling", "qc")
 _MAX_PARAMS_BYTES = 1 << 20
 
 
@@ -42,7 +43,10 @@ def load_params_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser, packaged (pyproject: tomli)
+                import tomli as tomllib  # type: ignore[no-redef]
 
             with open(p, "rb") as fh:
                 data = tomllib.load(fh)
@@ -64,6 +68,10 @@ def load_params_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for k, v in data.items():
         if isinstance(v, dict):
+            # a misspelt section ([biomarker], [Biomarkers]) would be ignored: refuse it
+            if str(k) not in SECTIONS:
+                raise ParamsError(f"unknown section [{k}] (known sections: "
+                                  f"{', '.join(f'[{x}]' for x in SECTIONS)})", p)
             out.setdefault(str(k), {}).update(v)
         else:
             out.setdefault("biomarkers", {})[str(k)] = v

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,17 @@ class Feature:
 
 
 # --- reading ---------------------------------------------------------------------------
-def _open_text(path: Path, max_bytes: int) -> str:
+def iter_text(path: Path, max_bytes: int, chunk_chars: int = 4 << 20) -> Iterator[str]:
+    """The UTF-8 text of a plain or gzipped file in chunks of ``chunk_chars``.
+
+    ``max_bytes`` bounds the file *and*, for gzip, the decompressed text (a 10 MB gzip can
+    hold 10 GB). CellTableError (one line, naming the file) for a missing, empty, oversized,
+    truncated or non-UTF-8 file.
+    """
     if not path.is_file():
-        raise CellTableError("no such file", path)
+        from tmequant.inputs import missing_reason
+
+        raise CellTableError(missing_reason(path) if not path.exists() else "not a file", path)
     size = path.stat().st_size
     if size == 0:
         raise CellTableError("file is empty", path)
@@ -63,12 +71,28 @@ def _open_text(path: Path, max_bytes: int) -> str:
             "(raise max_bytes or split the export)", path)
     with open(path, "rb") as fh:
         head = fh.read(2)
-    opener = _gzip.open if head == b"\x1f\x8b" else open
+    gz = head == b"\x1f\x8b"
+    opener = _gzip.open if gz else open
+    n = 0
     try:
         with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-            return fh.read()
+            while chunk := fh.read(chunk_chars):
+                n += len(chunk)
+                if gz and n > max_bytes:
+                    raise CellTableError(
+                        f"gzip file holds more than {max_bytes / 2**20:.0f} MiB of text, over the "
+                        "limit (raise max_bytes or split the export)", path)
+                yield chunk
+    except EOFError:  # gzip stream cut short
+        raise CellTableError("gzip file is truncated (an incomplete copy or download?)",
+                             path) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise CellTableError(f"cannot read as UTF-8 GeoJSON: {e}", path) from None
+        raise CellTableError(f"cannot read as UTF-8 GeoJSON: {' '.join(str(e).split())}",
+                             path) from None
+
+
+def _open_text(path: Path, max_bytes: int) -> str:
+    return "".join(iter_text(path, max_bytes))
 
 
 def _classification_name(props: dict[str, Any]) -> str | None:

@@ -35,6 +35,7 @@ from scipy import ndimage as ndi
 from tmequant.biomarkers.cellular import CellCompartments, cell_compartments
 from tmequant.biomarkers.grid import TileGrid
 from tmequant.biomarkers.params import BiomarkerParams
+from tmequant.errors import StoreError
 from tmequant.roles import TISSUE_ROLES
 
 log = logging.getLogger("tmequant")
@@ -287,7 +288,8 @@ def square_counts(x_um: np.ndarray, y_um: np.ndarray, side_um: float,
 
 
 def block_sums(rows: np.ndarray, cols: np.ndarray, block: int, values: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Sum per-tile values over ``block`` x ``block`` tile squares anchored at grid (0, 0).
+    """Sum per-tile values over ``block`` x ``block`` tile squares anchored at (row, col) (0, 0)
+    (subtract an anchor from rows/cols to tile from elsewhere).
     Returns ((N,) block id per tile, [(B,) sums per value])."""
     br, bc = np.floor_divide(rows, block), np.floor_divide(cols, block)
     key = (br - br.min(initial=0)) * (int(bc.max(initial=0) - bc.min(initial=0)) + 1) + (bc - bc.min(initial=0))
@@ -302,12 +304,16 @@ def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
                      split: CellCompartments | None = None) -> dict[str, Any]:
     """Inflamed / excluded / desert over bulk regions of ``phenotype_region_mm2``.
 
-    Regions are squares of round(sqrt(region area) / tile_um) tiles (at least 1) anchored at
-    the grid origin, restricted to bulk tiles. A region is scored when its epithelium area is
-    >= ``phenotype_min_tumor_fraction`` of its bulk tissue area; thresholds are inclusive.
-    With no scored region the label is ``not_evaluable`` (the spec would say desert, which
-    would call a tumour-free slide immune-cold). With ``split`` (cell-resolution compartments)
-    the regions' epithelium / stroma areas and lymphocytes come from it.
+    Regions are squares of round(sqrt(region area) / tile_um) tiles (at least 1) tiling the
+    bulk from the top-left corner of its bounding box (not the slide origin: moving the same
+    tumour on the slide by whole tiles gives the same regions), restricted to bulk tiles. A
+    region is scored when its epithelium area is >= ``phenotype_min_tumor_fraction`` of its
+    bulk tissue area; thresholds are inclusive. The class fractions weight each scored region
+    by its epithelium area, so a sliver of bulk cut off at a region border counts for the
+    tumour it holds, not as a whole region. With no scored region the label is
+    ``not_evaluable`` (the spec would say desert, which would call a tumour-free slide
+    immune-cold). With ``split`` (cell-resolution compartments) the regions' epithelium /
+    stroma areas and lymphocytes come from it.
     """
     params = params or BiomarkerParams()
     side = max(1, round(math.sqrt(params.phenotype_region_mm2 * UM2_PER_MM2) / grid.tile_um))
@@ -323,7 +329,7 @@ def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
         return {**out, **nan_out}
     b = in_bulk
     _, (a_bulk, a_epi, a_str, l_epi, l_str) = block_sums(
-        grid.rows[b], grid.cols[b], side,
+        grid.rows[b] - grid.rows[b].min(), grid.cols[b] - grid.cols[b].min(), side,
         [area[b], area[b] * epi[b], area[b] * strom[b], counts[b] * epi[b], counts[b] * strom[b]]
         if split is None else
         [area[b], split.epithelium_area_um2[b], split.stroma_area_um2[b],
@@ -339,7 +345,9 @@ def immune_phenotype(grid: TileGrid, comp: Compartments, counts: np.ndarray,
     inflamed = scored & at_least(it, params.inflamed_it_per_mm2)
     excluded = scored & ~inflamed & at_least(st, params.excluded_st_per_mm2)
     desert = scored & ~inflamed & ~excluded
-    f_inf, f_exc, f_des = inflamed.sum() / n, excluded.sum() / n, desert.sum() / n
+    w = np.where(scored, a_epi, 0.0)  # scored regions have a_epi > 0
+    w_sum = float(w.sum())
+    f_inf, f_exc, f_des = (float(w[m].sum()) / w_sum for m in (inflamed, excluded, desert))
     thr = params.phenotype_fraction
     label = ("inflamed" if at_least(f_inf, thr) else "excluded" if at_least(f_exc, thr) else "desert")
     return {**out, "immune_phenotype": label, "phenotype_regions_n": n,
@@ -467,7 +475,8 @@ PROVENANCE_KEYS = ("slide_id", "source_path", "source_fingerprint", "slide_mpp_u
 
 def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
                        params: BiomarkerParams | None = None,
-                       cell_role_map: Mapping[str, str] | None = None) -> BiomarkerResult:
+                       cell_role_map: Mapping[str, str] | None = None,
+                       cells_source: str = "cell_table") -> BiomarkerResult:
     """All biomarkers of docs/biomarkers.md for one slide.
 
     ``cells`` (x, y level-0 px, class), when given, replaces the grid's counts
@@ -479,11 +488,13 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     from tmequant.provenance import package_version, params_hash, to_jsonable
 
     if cells is not None:
-        from tmequant.biomarkers.cells import cell_roles
+        from tmequant.biomarkers.cells import cell_roles, check_cell_units
 
+        check_cell_units(grid, cells)
         if "role" not in cells:
             cells = cells.assign(role=cell_roles(cells["class"], cell_role_map))
-        grid = grid.with_cells(cells)
+        grid = grid.with_cells(cells, source=cells_source)
+    n_roleless = _check_roles(grid)
     comp = compartments(grid, params)
     counts, source = lymphocyte_counts(grid, params)
     area = grid.tissue_area_um2
@@ -502,6 +513,7 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     row["tile_level0_px"] = grid.tile_level0_px
     row["n_tiles"] = grid.n_tiles
     row["count_source"] = source
+    row["n_tiles_without_role"] = n_roleless
     row["compartment_resolution"] = "tile" if split is None else "cell"
     row.update(composition(grid, t["bulk"]))
     for k in ("bulk", "epithelium", "tumor_stroma", "margin", "core"):
@@ -543,6 +555,28 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     tls.insert(0, "slide_id", meta.get("slide_id"))  # also on an empty table: same columns
     return BiomarkerResult(row=row, tls=tls, compartments=comp, lymphocyte_density_per_mm2=dens,
                            tls_labels=labels, lymphocyte_counts=counts, cell_compartments=split)
+
+
+def _check_roles(grid: TileGrid) -> int:
+    """Number of tissue tiles without a most probable role (NaN, all-zero or tied
+    probabilities: see TileGrid.hard_roles). They are in no compartment and the count goes
+    into the row; a warning names them. When no tissue tile has a role the model's output
+    is unusable and the slide is refused (it used to become all tumour)."""
+    roles = grid.hard_roles()
+    tissue = grid.tissue_fraction > 0
+    n_bad = int(((roles < 0) & tissue).sum())
+    if not n_bad:
+        return 0
+    where = grid.metadata.get("store_path") or grid.metadata.get("slide_id") or "tile grid"
+    model = grid.metadata.get("model_name") or "the model"
+    n_tissue = int(tissue.sum())
+    if n_bad == n_tissue:
+        raise StoreError(f"no tissue tile has a most probable role ({n_bad} of {n_bad} have NaN, "
+                         f"all-zero or tied probabilities): the output of {model} is unusable; "
+                         "check the model and predict again with --overwrite", where)
+    log.warning("%s: %d of %d tissue tiles have NaN, all-zero or tied role probabilities; "
+                "they are in no compartment (column n_tiles_without_role)", where, n_bad, n_tissue)
+    return n_bad
 
 
 def _morisita_horn(grid: TileGrid, cells: pd.DataFrame | None, counts: np.ndarray,

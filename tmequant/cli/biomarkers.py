@@ -36,8 +36,10 @@ def biomarkers_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for tables and GeoJSON."),
     cells: Path | None = typer.Option(
         None, "--cells", help="Cell table (QuPath GeoJSON, CSV x,y,class or (Geo)Parquet; level-0 px) for one "
-        "store, or a folder of <slide_id>.<ext> tables. Takes precedence for counts."),
-    params: Path | None = typer.Option(None, "--params", help="TOML/YAML parameters file ([biomarkers] section)."),
+        "store, or a folder of <slide_id>.<ext> tables. Takes precedence for counts (default: none; "
+        "counts from the model's count head or the nucleus counter)."),
+    params: Path | None = typer.Option(None, "--params", help="TOML/YAML parameters file ([biomarkers] section; "
+                                         "default: the defaults of docs/biomarkers.md)."),
     margin_um: float | None = typer.Option(None, help="Invasive-margin half-width, um [default 500]."),
     bulk_close_um: float | None = typer.Option(None, help="Tumour-bulk closing/opening disk diameter, um [default 1000; 500 for biopsies]."),
     bulk_min_area_mm2: float | None = typer.Option(None, help="Smallest tumour-bulk object, mm^2 [default 1.5]."),
@@ -78,13 +80,22 @@ def biomarkers_cmd(
     if cells is not None and not cells.exists():
         fail(f"{cells}: no such cell table or folder", 2)
     out.mkdir(parents=True, exist_ok=True)
+    claimed: dict[str, str] = {}  # slide id (lower case) -> the store that has it
 
     def one(path: str) -> Any:
+        from tmequant.errors import InputError
         from tmequant.inputs import validate_slide_id
 
         store = SlideStore(path)
         # The id names output files: a store from elsewhere must not write outside --out.
         sid = validate_slide_id(store.slide_id, store.path)
+        # ... and one row and one GeoJSON per id: a second store with the same id would
+        # overwrite the first's GeoJSON and drop a row (ids differing only in case collide
+        # on case-insensitive disks)
+        other = claimed.setdefault(sid.lower(), store.path)
+        if other != store.path:
+            raise InputError(f"slide id {sid!r} is also the id of {other}; outputs are named by "
+                             "slide id, so run the two stores into different --out folders", store.path)
         cpath = cells_for_slide(cells, sid, len(paths))
         res = biomarkers_for_store(store, model, cells=cpath, params=bp)
         if geojson:
@@ -95,7 +106,10 @@ def biomarkers_cmd(
                  res.row["stil_score_pct"], res.row["tls_count"], res.row["count_source"])
         return res
 
-    batch = run_per_slide(paths, one, store_id, "biomarkers")
+    # batch keys: the store's name, or its whole path where two names are the same
+    names = [store_id(q) for q in paths]
+    key = {q: (n if names.count(n) == 1 else q) for q, n in zip(paths, names)}
+    batch = run_per_slide(paths, one, key.__getitem__, "biomarkers")
     results = [batch.results[k] for k in batch.results]
     if results:
         rows = pd.DataFrame([r.row for r in results])

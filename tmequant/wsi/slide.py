@@ -27,14 +27,16 @@ from tmequant.errors import SlideError
 log = logging.getLogger("tmequant")
 
 MPP_MIN_UM, MPP_MAX_UM = 0.05, 20.0
+NON_SQUARE_TOLERANCE = 0.01  # x and y pixel sizes differing by more than 1% are refused
 MPP_SOURCES = ("vendor", "tiff-resolution", "ome", "override")
 MAX_OME_XML_CHARS = 16 << 20
 _UNIT_TO_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0,
                "nm": 1e-3, "pm": 1e-6}
 # TIFF-based formats whose levels are plain tiled pages (read directly, see _TiledTiffLevels)
 _FAST_VENDORS = ("aperio", "generic-tiff")
-_NO_MPP_FIX = ("has no pixel size (MPP) in its metadata; give it with --mpp-override X "
-               "or an `mpp` column in the CSV manifest")
+_NO_MPP_FIX = ("has no pixel size (MPP) in its metadata; give it in an `mpp` column of a CSV "
+               "manifest (slide_id,path,mpp), or with --mpp-override X (used only for slides "
+               "without an MPP)")
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,10 @@ def _mpp_from_resolution(xres: Any, yres: Any, unit: Any) -> tuple[float, float]
         return um_per_unit / f if f else None
 
     mx, my = conv(xres), conv(yres if yres is not None else xres)
-    if mx is None or my is None or not (_plausible(mx) and _plausible(my)):
+    if mx is None or my is None or not (math.isfinite(mx) and math.isfinite(my)) or mx <= 0 or my <= 0:
         return None
+    # An implausible value is returned as it is: resolve_mpp names it ("pixel size 1e+04
+    # um/px (tiff-resolution) is outside ..."), where dropping it read "has no pixel size".
     return mx, my
 
 
@@ -141,12 +145,17 @@ def resolve_mpp(
     """Pick (mpp_um, mpp_x_um, mpp_y_um, source) in the documented order; refuse bad values."""
     found: tuple[float, float, str] | None = None
     vx, vy = vendor_mpp
+    candidates: list[tuple[float, float, str]] = []
     if vx is not None:
-        found = (vx, vy if vy is not None else vx, "vendor")
-    elif tiff_mpp is not None:
-        found = (tiff_mpp[0], tiff_mpp[1], "tiff-resolution")
-    elif ome_mpp is not None:
-        found = (ome_mpp[0], ome_mpp[1], "ome")
+        candidates.append((vx, vy if vy is not None else vx, "vendor"))
+    if tiff_mpp is not None:
+        candidates.append((tiff_mpp[0], tiff_mpp[1], "tiff-resolution"))
+    if ome_mpp is not None:
+        candidates.append((ome_mpp[0], ome_mpp[1], "ome"))
+    # the first plausible source in the documented order; with none, the first implausible
+    # one, so the error below names the value the file holds
+    plausible = [c for c in candidates if _plausible(c[0]) and _plausible(c[1])]
+    found = (plausible or candidates)[0] if candidates else None
     if override_um is not None:
         ov = _float(override_um)
         if not _plausible(ov):
@@ -169,6 +178,14 @@ def resolve_mpp(
         raise SlideError(
             f"pixel size {mpp:.4g} um/px ({src}) is outside {MPP_MIN_UM}-{MPP_MAX_UM} um/px; "
             "give the right value with --mpp-override X", path)
+    if abs(mx - my) > NON_SQUARE_TOLERANCE * max(mx, my):
+        # Tiles, areas and densities assume one pixel size; the mean of 0.25 and 0.5 would put
+        # every area off by ~12% (0.375^2 vs 0.125 um^2) without a word.
+        msg = (f"pixels are not square ({mx:.4g} x {my:.4g} um/px, {src}); tmequant needs one "
+               "pixel size: resample the slide to square pixels")
+        if require:
+            raise SlideError(msg, path)
+        log.warning("%s: %s", path, msg)
     return mpp, mx, my, src
 
 
@@ -390,8 +407,20 @@ class _TiffBackend:
         self.levels = []
         self._lock = threading.Lock()
         for lv in range(len(series.levels)):
-            store = series.aszarr(level=lv)
-            self.levels.append(_open_level(store))
+            big = _oversized_chunk(series.levels[lv].keyframe)
+            if big is None:
+                self.levels.append(_open_level(series.aszarr(level=lv)))
+                continue
+            page = series.levels[lv].keyframe
+            if page.is_memmappable and "".join(series.axes) in ("YXS", "YX"):
+                # uncompressed: read regions straight from the file (the page cache holds them)
+                self.levels.append(np.memmap(path, dtype=page.dtype, mode="r",
+                                             offset=int(page.dataoffsets[0]), shape=page.shape))
+                continue
+            raise SlideError(
+                f"level {lv} is stored as compressed {big / 2**20:.0f} MiB pieces (a single strip?): "
+                "reading any tile would decode all of it; convert the slide to a tiled pyramid "
+                "(e.g. vips tiffsave in.tif out.tif --tile --pyramid)", path)
         self.shapes = [lvl.shape for lvl in series.levels]
         self.axes = series.axes
         xi, yi = series.axes.index("X"), series.axes.index("Y")
@@ -430,6 +459,24 @@ class _TiffBackend:
         self.tf.close()
 
 
+# A strip or tile that decodes to more than this is refused or memory-mapped: tifffile decodes
+# a whole chunk for any region in it (a 20k x 20k single strip took 1.4 GB per read).
+MAX_CHUNK_BYTES = 64 << 20
+
+
+def _oversized_chunk(page: Any) -> int | None:
+    """Decoded bytes of one chunk (tile or strip) of ``page`` when over MAX_CHUNK_BYTES."""
+    spp = int(getattr(page, "samplesperpixel", 1) or 1)
+    item = np.dtype(page.dtype).itemsize if page.dtype is not None else 1
+    if page.is_tiled:
+        n = int(page.tilewidth) * int(page.tilelength) * max(int(page.tiledepth or 1), 1)
+    else:
+        rows = min(int(page.rowsperstrip or page.imagelength), int(page.imagelength))
+        n = rows * int(page.imagewidth)
+    size = n * spp * item
+    return size if size > MAX_CHUNK_BYTES else None
+
+
 def _open_level(store: Any) -> Any:
     import zarr
 
@@ -448,9 +495,48 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 # --- opening --------------------------------------------------------------------------------
+# DICOM transfer syntaxes by UID: OpenSlide's errors name only the UID.
+DICOM_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+    "1.2.840.10008.1.2.4.201": "High-Throughput JPEG 2000 (HTJ2K) Lossless",
+    "1.2.840.10008.1.2.4.202": "High-Throughput JPEG 2000 (HTJ2K) Lossless RPCL",
+    "1.2.840.10008.1.2.4.203": "High-Throughput JPEG 2000 (HTJ2K)",
+    "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+    "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+    "1.2.840.10008.1.2.4.112": "JPEG XL",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
+}
+
+
+def name_transfer_syntaxes(text: str) -> str:
+    """Append the name to each DICOM transfer-syntax UID in ``text``:
+    ``"... 1.2.840.10008.1.2.4.201"`` -> ``"... 1.2.840.10008.1.2.4.201 (High-Throughput JPEG
+    2000 (HTJ2K) Lossless; not supported: convert the slide to JPEG or JPEG 2000)"``."""
+    import re
+
+    def sub(m: re.Match[str]) -> str:
+        uid = m.group(0)
+        name = DICOM_TRANSFER_SYNTAXES.get(uid, "unknown transfer syntax")
+        return f"{uid} ({name}; not supported by this OpenSlide: convert the slide to JPEG or JPEG 2000)"
+
+    return re.sub(r"1\.2\.840\.10008\.1\.2(?:\.\d+)*", sub, text)
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise SlideError("no such file", path)
+        from tmequant.inputs import missing_reason
+
+        raise SlideError(missing_reason(path), path)
     if path.is_dir():
         raise SlideError("is a folder, not a slide file", path)
     size = path.stat().st_size
@@ -475,7 +561,8 @@ def _open_openslide(path: Path) -> tuple[Any, str] | None:
     try:
         return openslide.OpenSlide(str(path)), fmt
     except openslide.OpenSlideError as e:
-        raise SlideError(f"OpenSlide cannot read it ({fmt}): {str(e).splitlines()[0] if str(e) else 'corrupt file'}",
+        first = str(e).splitlines()[0] if str(e) else "corrupt file"
+        raise SlideError(f"OpenSlide cannot read it ({fmt}): {name_transfer_syntaxes(first)}",
                          path) from None
     except Exception as e:
         raise SlideError(f"cannot open ({fmt}): {type(e).__name__}: {e}", path) from None
