@@ -65,7 +65,7 @@ def test_models_cli_list_show_import(tmp_path: Path, capsys):
     assert (out / "model.safetensors").exists()
     assert main(["models", "show", str(out)]) == 0
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["name"] == "tiny"
-    assert main(["models", "show", "no-such-model"]) == 1
+    assert main(["models", "show", "no-such-model"]) == 2  # a wrong name is a usage error
 
 
 def test_predict_on_a_store_from_a_real_slide(tmp_path: Path):

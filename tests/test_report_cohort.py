@@ -17,6 +17,7 @@ from tmequant.report.cohort import (
     safe_name,
     write_cohort_report,
 )
+from tmequant.report.html import IMAGE_MIME
 from tmequant.report.slide import FIGURES
 
 NAMES = ["TUM", "STR", "LYM"]
@@ -60,6 +61,7 @@ def _outcome(slide_id: str, n_tls: int, seed: int) -> SlideOutcome:
         tissue_mask=np.ones((h, w), bool), grid=rc.astype(np.int32), mask_downsample=ds,
         slide_mpp_um=mpp, tile_level0_px=l0,
         predictions=lambda name: _Group(attrs, tissue_probs=probs),
+        tissue_probs=lambda name: probs,  # SlideStore.tissue_probs
     )
     return SlideOutcome(store=store, model_name="m", result=result)
 
@@ -83,18 +85,18 @@ def test_writes_tables_pictures_and_report(outcomes, tmp_path):
         assert sorted(p.stem for p in out.figures[sid].values()) == sorted(FIGURES)
         assert all(p.is_file() for p in out.figures[sid].values())
     html = out.report_html.read_text()
-    assert html.count("data:image/png;base64,") == 2 * len(FIGURES)
+    assert html.count(f"data:{IMAGE_MIME};base64,") == 2 * len(FIGURES)
     assert "ModelError: bad card" in html and not out.slide_pages
 
 
 def test_large_cohort_gets_one_page_per_slide(outcomes, tmp_path):
     out = write_cohort_report(tmp_path, outcomes, [], inline_max_slides=1)
     html = out.report_html.read_text()
-    assert "data:image/png" not in html  # the cohort page stays light
+    assert f"data:{IMAGE_MIME}" not in html  # the cohort page stays light
     for page in out.slide_pages.values():
         assert f'href="slides/{page.name}"' in html
         text = page.read_text()
-        assert text.count("data:image/png;base64,") == len(FIGURES)
+        assert text.count(f"data:{IMAGE_MIME};base64,") == len(FIGURES)
         assert 'href="../report.html"' in text and "Failures" not in text
 
 

@@ -21,7 +21,13 @@ from PIL import Image
 
 from tmequant.batch import Failure
 from tmequant.report.figures import SlideGeometry, plot_lymphocyte_density, plot_thumbnail
-from tmequant.report.html import SlideSection, format_value, render_html_report, write_html_report
+from tmequant.report.html import (
+    IMAGE_MIME,
+    SlideSection,
+    format_value,
+    render_html_report,
+    write_html_report,
+)
 
 EVIL = "<script>alert(1)</script>"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -103,7 +109,7 @@ def test_report_is_self_contained(cohort):
     p.feed(html)
     imgs = [a for t, a in p.tags if t == "img"]
     assert len(imgs) == sum(len(s.figures) for s in slides)
-    assert all(a["src"].startswith("data:image/png;base64,") for a in imgs)
+    assert all(a["src"].startswith(f"data:{IMAGE_MIME};base64,") for a in imgs)
     for a in imgs:  # every embedded picture decodes to the size the tag states or smaller
         png = Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])))
         assert int(a["width"]) <= png.width and int(a["height"]) <= png.height
@@ -277,7 +283,7 @@ def test_report_in_chromium_sorts_and_logs_no_errors(cohort, tmp_path):
             res = cdp.send("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=sid)
             return res["result"].get("value")
 
-        heads = js("[...document.querySelectorAll('#cohort-table thead th')].map(t => t.textContent)")
+        heads = js("[...document.querySelectorAll('#cohort-table thead th')].map(t => t.dataset.col)")
         til = heads.index("til_density_intratumoral_per_mm2")
         ratio = heads.index("exclusion_ratio_stroma_to_tumor")
         col = "(i => [...document.querySelectorAll('#cohort-table tbody tr')].map(r => r.cells[i].textContent))"

@@ -75,6 +75,23 @@ def store_path(tmp_path_factory) -> str:
     return tiled.store_path
 
 
+@pytest.fixture(scope="module")
+def store_with_cells(store_path, tmp_path_factory) -> str:
+    """A copy of the store whose predictions also hold cells, as a cell detector writes them."""
+    import shutil
+
+    from tmequant.store import SlideStore
+
+    path = str(tmp_path_factory.mktemp("schema-cells") / "cells.zarr")
+    shutil.copytree(store_path, path)
+    with SlideStore.open(path, "r+") as st:
+        n_chunks = st.prediction_state(MODEL).n_chunks
+        st.create_cells(MODEL, ["lymphocyte", "tumor"], n_chunks)
+        for c in range(n_chunks):
+            st.write_cells(MODEL, c, x=[1.0], y=[2.0], cls=[1], score=[0.5], tile=[0])
+    return path
+
+
 def _tls_grid() -> tq.TileGrid:
     """A 4 x 4 mm tumour with a dense lymphoid aggregate 300 um off its edge: one TLS."""
     rows, cols = np.divmod(np.arange(40 * 40), 40)
@@ -170,6 +187,7 @@ def test_tls_table_matches_the_docs(doc):
 # --- the store -----------------------------------------------------------------------------------
 
 def _norm(path: str) -> str:
+    path = re.sub(r"/cells/c\d{6}(/|$)", r"/cells/c<chunk>\1", path)
     return path.replace(f"predictions/{MODEL}", "predictions/<model_name>")
 
 
@@ -187,8 +205,8 @@ def test_store_version_matches_the_docs(doc):
     assert m and int(m.group(1)) == STORE_SCHEMA_VERSION
 
 
-def test_store_layout_matches_the_docs(doc, store_path):
-    root = zarr.open_group(store_path, mode="r")
+def test_store_layout_matches_the_docs(doc, store_with_cells):
+    root = zarr.open_group(store_with_cells, mode="r")
     arrays = {_norm(p): a for p, a in _walk(root) if isinstance(a, zarr.Array)}
     groups = {_norm(p.rstrip("/")): g for p, g in _walk(root) if isinstance(g, zarr.Group)}
 
@@ -223,6 +241,7 @@ def test_store_layout_matches_the_docs(doc, store_path):
     assert set(doc_groups) <= set(groups), set(doc_groups) - set(groups)
 
 
+@pytest.mark.slow
 def test_written_tables_of_a_run_match_the_docs(doc, tmp_path):
     """``tmequant run``'s cohort.csv and tls.csv headers are the documented columns."""
     slide = make_slide(tmp_path / "run-slide.svs", size_px=1024)
@@ -230,7 +249,8 @@ def test_written_tables_of_a_run_match_the_docs(doc, tmp_path):
                        progress=False)
     assert not run.failures, run.failures
     cohort = pd.read_csv(run.cohort_csv)
-    assert set(cohort.columns) == set(_biomarker_doc(doc)) | set(_param_columns())
+    cohort_only = _doc_columns(doc, "## Cohort table")
+    assert set(cohort.columns) == set(_biomarker_doc(doc)) | set(cohort_only) | set(_param_columns())
     assert cohort.columns[0] == "slide_id"
     tls = pd.read_csv(run.tls_csv)
     assert list(tls.columns) == list(_doc_columns(doc, "## TLS table"))

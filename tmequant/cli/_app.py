@@ -22,7 +22,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # Plain click help: rich markup would swallow "[biomarkers]" or "[default 500]" in help
+    # texts and label every flag "<bool>"; every default with a value is shown.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
 
 log = logging.getLogger("tmequant")
@@ -89,3 +92,39 @@ def finish_batch(batch: BatchResult, what: str, out_dir: Path | None = None) -> 
                 w.writerow([f.item_id, f.stage, f.reason])
     if n_bad:
         raise typer.Exit(1)
+
+
+MPP_OVERRIDE_HELP = ("Level-0 pixel size, um/px (0.05-20), for slides whose file has no usable "
+                     "MPP; slides with one keep theirs (see --mpp-override-all). A manifest "
+                     "`mpp` column wins per slide. Default: none (every file's own MPP).")
+MPP_OVERRIDE_ALL_HELP = "Apply --mpp-override to every slide, replacing the MPP their files record."
+
+
+def apply_mpp_override(specs: list, override_um: float | None, all_slides: bool = False) -> list:
+    """Give ``override_um`` to the slides that need it: by default only those whose file has
+    no usable pixel size (a batch mixing slides with and without one keeps each file's MPP
+    where it has one); ``all_slides`` forces it on every slide. A manifest ``mpp`` (already in
+    a spec) always wins. Returns new SlideSpecs; each file is opened once for its metadata.
+    """
+    from dataclasses import replace
+
+    from tmequant.inputs import parse_mpp
+    from tmequant.report.qc import file_mpp_um
+
+    if override_um is None:
+        if all_slides:
+            fail("--mpp-override-all needs --mpp-override X", 2)
+        return list(specs)
+    parse_mpp(str(override_um), "--mpp-override")
+    out = []
+    for s in specs:
+        if s.mpp_override_um is not None:  # the manifest's value for this slide
+            out.append(s)
+        elif all_slides or file_mpp_um(s.path) is None:
+            out.append(replace(s, mpp_override_um=float(override_um)))
+        else:
+            log.info("%s: keeps the MPP its file records; --mpp-override applies only to slides "
+                     "without one (--mpp-override-all forces it)", s.slide_id)
+            out.append(s)
+    return out
+

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from tmequant.cli._app import app, fail, finish_batch
+from tmequant.cli._app import (
+    MPP_OVERRIDE_ALL_HELP,
+    MPP_OVERRIDE_HELP,
+    app,
+    apply_mpp_override,
+    fail,
+    finish_batch,
+)
 
 
 @app.command("tile")
@@ -16,10 +23,8 @@ def tile_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <out>/<slide_id>.zarr and .qc.png."),
     mpp: float = typer.Option(0.5, "--mpp", help="Target pixel size of the tiles, um/px.", show_default=True),
     tile_px: int = typer.Option(224, "--tile-px", help="Tile side in pixels at --mpp.", show_default=True),
-    mpp_override: float | None = typer.Option(
-        None, "--mpp-override",
-        help="Level-0 pixel size in um/px for slides whose file lacks it (or is wrong); "
-             "a manifest `mpp` column wins per slide. Range 0.05-20."),
+    mpp_override: float | None = typer.Option(None, "--mpp-override", help=MPP_OVERRIDE_HELP),
+    mpp_override_all: bool = typer.Option(False, "--mpp-override-all", help=MPP_OVERRIDE_ALL_HELP),
     min_tissue: float = typer.Option(
         0.25, "--min-tissue", help="Keep tiles whose tissue fraction is >= this (0-1).", show_default=True),
     mask_mpp: float = typer.Option(
@@ -40,12 +45,10 @@ def tile_cmd(
 
     from tmequant.batch import run_per_slide
     from tmequant.errors import InputError
-    from tmequant.inputs import expand_slides, parse_mpp
+    from tmequant.inputs import expand_slides
     from tmequant.tiling.tile import TilingParams, tile_slide
     from tmequant.wsi.tissue import TissueParams
 
-    if mpp_override is not None:
-        parse_mpp(str(mpp_override), "--mpp-override")
     try:
         params = TilingParams(target_mpp_um=mpp, tile_px=tile_px, min_tissue_fraction=min_tissue,
                               tissue=replace(TissueParams(), mask_mpp_um=mask_mpp),
@@ -54,7 +57,7 @@ def tile_cmd(
         raise InputError(str(e)) from None
     if workers is not None and workers < 1:
         fail("--workers must be >= 1", 2)
-    specs = expand_slides(slides, mpp_override_um=mpp_override)
+    specs = apply_mpp_override(expand_slides(slides), mpp_override, mpp_override_all)
     batch = run_per_slide(
         specs, lambda s: tile_slide(s, out, params, overwrite=overwrite, workers=workers),
         item_id=lambda s: s.slide_id, stage="tile")

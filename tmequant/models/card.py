@@ -18,6 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tmequant.domain import (  # noqa: F401 - re-exported: the card's domain helpers
+    DOMAIN_SYNTHETIC,
+    DOMAIN_UNKNOWN,
+    DOMAIN_UNTRAINED,
+    NOT_FOR_REAL_TISSUE,
+    card_domain,
+    count_head_trusted,
+    domain_label,
+    domain_warning,
+)
 from tmequant.errors import ModelError
 from tmequant.roles import CELL_ROLES, TISSUE_ROLES
 
@@ -99,6 +109,46 @@ class StainNormalization(BaseModel):
             raise ValueError("values must be finite and > 0")
         return v
 
+# A detector's tissue classes, derived from its cells (tmequant.models.detector), and roles.
+DETECTOR_TISSUE_ROLES: dict[str, str] = {"tumor": "tumor", "stroma": "stroma", "immune": "immune",
+                                         "paucicellular": "other_tissue"}
+
+
+class DetectorSpec(BaseModel):
+    """A cell detector's head and post-processing (see :mod:`tmequant.models.detector`).
+
+    The network predicts one centre heatmap per ``cell_classes`` entry at
+    ``1/output_stride`` of the input; peaks at least ``min_distance_um`` apart and above the
+    class's threshold are cells. Tissue compartments are derived from the cells' composition.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    out_indices: list[int] = Field(default_factory=lambda: [0, 1, 2, 3],
+                                   description="timm features_only stages used by the decoder")
+    output_stride: int = Field(default=2, ge=1, le=8, description="input px per heatmap px")
+    decoder_channels: int = Field(default=64, ge=8, le=512, description="decoder width")
+    sigma_um: float = Field(default=2.0, gt=0, le=20, description="target Gaussian sigma, um")
+    min_distance_um: float = Field(default=3.0, gt=0, le=50,
+                                   description="minimum distance between two cell centres, um")
+    thresholds: dict[str, float] = Field(default_factory=dict,
+                                         description="per cell class: peak score threshold 0-1")
+    context_px: int = Field(default=32, ge=0, le=512,
+                            description="context read around each tile at inference, input px")
+    paucicellular_per_mm2: float = Field(
+        default=600.0, gt=0, description="cells/mm^2 below which a tile is paucicellular")
+    immune_per_mm2: float = Field(
+        default=4000.0, gt=0, description="lymphocytes/mm^2 above which lymphocytes make a tile "
+        "immune tissue (lymphoid aggregate) rather than stroma")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thr_ok(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not (0.0 < x < 1.0)}
+        if bad:
+            raise ValueError(f"thresholds must be in (0, 1): {bad}")
+        return v
+
 
 class ModelCard(BaseModel):
     """Model card (``model.json``); see docs/store-layout.md and docs/biomarkers.md.
@@ -129,6 +179,22 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="evaluation metrics")
     stain_normalization: StainNormalization | None = Field(
         default=None, description="stain normalisation every tile gets before the network")
+    detector: DetectorSpec | None = Field(
+        default=None, description="cell detector head (heatmaps per cell class) instead of a "
+        "tile classifier; tissue classes then come from the cells' composition")
+    domain: str | list[str] = Field(
+        default=DOMAIN_UNKNOWN,
+        description="what the model was trained on: 'synthetic' (phantoms), 'untrained' (random "
+        "weights), or the tissues/organs of its training slides, e.g. ['breast carcinoma H&E']; "
+        "'unknown' for cards written before the field existed")
+
+    @field_validator("domain")
+    @classmethod
+    def _domain_ok(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else list(v)
+        if not items or any(not isinstance(x, str) or not x.strip() for x in items):
+            raise ValueError("domain must be a non-empty text or list of texts")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -175,7 +241,21 @@ class ModelCard(BaseModel):
         if overlap:
             # role_of() would be ambiguous.
             raise ValueError(f"cell_classes: names also used as tissue classes: {overlap}")
+        if self.detector is not None:
+            if not self.cell_classes:
+                raise ValueError("detector: a cell detector needs cell_classes, which is empty")
+            unknown = sorted(set(self.detector.thresholds) - set(self.cell_classes))
+            if unknown:
+                raise ValueError(f"detector.thresholds: names classes not in cell_classes: {unknown}")
+            if self.tissue_classes != list(DETECTOR_TISSUE_ROLES):
+                raise ValueError("tissue_classes: a cell detector's tissue classes come from its "
+                                 f"cells and must be {list(DETECTOR_TISSUE_ROLES)}")
         return self
+
+    @property
+    def is_detector(self) -> bool:
+        """True for a cell detector (heatmaps), False for a tile classifier."""
+        return self.detector is not None
 
     # --- helpers ----------------------------------------------------------------------
     @property
@@ -189,6 +269,16 @@ class ModelCard(BaseModel):
     @property
     def has_count_head(self) -> bool:
         return bool(self.cell_classes)
+
+    @property
+    def domain_label(self) -> str:
+        """The domain as one line of text (a list joined by '; ')."""
+        return domain_label(self.domain)
+
+    @property
+    def domain_warning(self) -> str | None:
+        """A one-line warning when the model's output on real tissue means nothing, else None."""
+        return domain_warning(self.name, card_domain(self))
 
     def role_of(self, class_name: str) -> str:
         """Role of a tissue or cell class (KeyError naming the class if unknown)."""
@@ -211,6 +301,10 @@ class ModelCard(BaseModel):
         if d.get("stain_normalization") is None:
             # Cards (and predictions params hashes) of models without it stay as they were.
             d.pop("stain_normalization", None)
+        if d.get("detector") is None:
+            d.pop("detector", None)  # likewise for tile classifiers
+        if d.get("domain") == DOMAIN_UNKNOWN:
+            d.pop("domain", None)  # the same: old cards keep their predictions params hash
         return d
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -147,7 +147,7 @@ def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device 
             return load_folder(p.parent, device)
         raise ModelError("not a model folder, model.json or model.safetensors", p)
     if p.suffix.lower() in PICKLE_SUFFIXES or os.sep in s:
-        raise ModelError("no such model file or folder", p)
+        raise registry.UnknownModelError("no such model file or folder", p)
     return registry.load_registered(s, device)
 
 

@@ -23,17 +23,28 @@ from tmequant.models.factory import create_model
 from tmequant.roles import CELL_ROLES, TISSUE_ROLES
 
 RANDOM_PREFIX = "random-"
+# The model `run` and `predict` use when none is named: the bundled real-tissue cell detector.
+DEFAULT_MODEL = "brca-cells-lite0"
 LISTED_RANDOM = ("random-efficientnet_lite0",)
 RANDOM_SEED = 0
 
 
+class UnknownModelError(ModelError):
+    """The model named on the command line is not a folder, a registered name or an hf-hub id:
+    a usage error (exit code 2), like any other bad option value."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class ModelInfo:
-    """One registry entry: its name, where it comes from, and a one-line description."""
+    """One registry entry: its name, where it comes from, a one-line description and its
+    domain (what it was trained on: ``synthetic``, ``untrained``, tissues, or ``unknown``)."""
 
     name: str
     source: str  # "built-in", a folder path
     description: str
+    domain: str = "unknown"
 
 
 def random_card(arch: str, tile_px: int = 224, mpp_um: float = 0.5) -> ModelCard:
@@ -41,7 +52,8 @@ def random_card(arch: str, tile_px: int = 224, mpp_um: float = 0.5) -> ModelCard
     import timm
 
     if not timm.is_model(arch):
-        raise ModelError(f"unknown model {RANDOM_PREFIX}{arch}: {arch!r} is not a timm architecture")
+        raise UnknownModelError(f"unknown model {RANDOM_PREFIX}{arch}: {arch!r} is not a timm "
+                                "architecture (see `tmequant models list`)")
     return ModelCard(
         name=f"{RANDOM_PREFIX}{arch}",
         version="0",
@@ -57,6 +69,7 @@ def random_card(arch: str, tile_px: int = 224, mpp_um: float = 0.5) -> ModelCard
         license="Apache-2.0",
         training={"untrained": True, "seed": RANDOM_SEED},
         metrics={},
+        domain="untrained",
     )
 
 
@@ -98,14 +111,20 @@ def _folders() -> dict[str, Path]:
 
 def list_models() -> list[ModelInfo]:
     """Every named model: the listed built-ins and each shipped or user model folder."""
-    infos = [ModelInfo(n, "built-in", random_card(n[len(RANDOM_PREFIX):]).description)
-             for n in LISTED_RANDOM]
+    from tmequant.models.card import card_domain
+
+    infos = []
+    for n in LISTED_RANDOM:
+        c = random_card(n[len(RANDOM_PREFIX):])
+        infos.append(ModelInfo(n, "built-in", c.description, card_domain(c)))
     for name, d in _folders().items():
+        domain = "unknown"
         try:
-            desc = ModelCard.load(d).description or "(no description)"
+            card = ModelCard.load(d)
+            desc, domain = card.description or "(no description)", card_domain(card)
         except ModelError as e:
             desc = f"INVALID: {e.message}"
-        infos.append(ModelInfo(name, str(d), desc.splitlines()[0] if desc else ""))
+        infos.append(ModelInfo(name, str(d), desc.splitlines()[0] if desc else "", domain))
     return infos
 
 
@@ -120,7 +139,7 @@ def get_card(name: str) -> tuple[ModelCard, str]:
 
 
 def _unknown(name: str) -> ModelError:
-    return ModelError(f"unknown model {name!r}: not a folder, a registered name "
+    return UnknownModelError(f"unknown model {name!r}: not a folder, a registered name "
                       "(`tmequant models list`) or hf-hub:org/name")
 
 

@@ -101,6 +101,38 @@ def write_tls_table(tables: Iterable[pd.DataFrame], out_dir: str | os.PathLike[s
     return csv_path, pq_path
 
 
+def _stored_card(store: Any, model_name: str) -> dict[str, Any] | None:
+    """The model card stored with the slide's predictions, as a dict (None when unreadable)."""
+    import json
+
+    try:
+        card: Any = store.predictions(model_name).attrs.get("card") or {}
+    except Exception:  # noqa: BLE001 - a caller's stand-in store: no card, no domain
+        return None
+    if isinstance(card, str):
+        card = json.loads(card)
+    return dict(card) if isinstance(card, Mapping) else None
+
+
+def _cohort_row(o: SlideOutcome, qc: Any) -> tuple[dict[str, Any], str | None]:
+    """The slide's cohort row (``qc_flags`` first, ``model_domain`` added) and its model's
+    domain warning (None for a model trained on real tissue)."""
+    from tmequant.domain import card_domain, domain_warning, is_phantom_slide
+    from tmequant.report.qc import join_flags, slide_qc_flags
+
+    row = dict(o.result.row)
+    card = _stored_card(o.store, o.model_name)
+    domain = card_domain(card) if card is not None else "unknown"
+    phantom = is_phantom_slide(row.get("source_path"))
+    flags = slide_qc_flags(row, o.store, None if phantom else card, qc)
+    warn = None if phantom else domain_warning(str((card or {}).get("name", o.model_name)), domain)
+    out = {"slide_id": o.store.slide_id, "qc_flags": join_flags(flags)}
+    out.update(row)
+    out["slide_id"] = o.store.slide_id
+    out["model_domain"] = domain
+    return out, warn
+
+
 def write_cohort_report(
     out_dir: str | os.PathLike[str],
     outcomes: Sequence[SlideOutcome],
@@ -109,6 +141,7 @@ def write_cohort_report(
     title: str = "tmequant cohort report",
     inline_max_slides: int = INLINE_MAX_SLIDES,
     figures: Mapping[str, Mapping[str, Any]] | None = None,
+    qc: Any = None,
 ) -> CohortOutputs:
     """Write the cohort table, TLS table, pictures and HTML report for finished slides.
 
@@ -116,11 +149,19 @@ def write_cohort_report(
     figures: slide id -> {stem: PNG path} of pictures already drawn (by Dask workers, or
     unchanged since the last run, with the cohort's :func:`cohort_density_vmax`); the
     other slides' pictures are drawn here.
+    qc: :class:`tmequant.report.qc.QCParams` of the ``qc_flags`` column (None: defaults).
+    Each row gets ``model_domain`` (what the model was trained on) and ``qc_flags``; a
+    synthetic or untrained model puts a warning banner on the report.
     Pictures of one slide that fail to draw are logged and left out; they never fail the batch.
     """
     out = Path(out_dir)
     outcomes = sorted(outcomes, key=lambda o: str(o.store.slide_id))
-    rows = [{**o.result.row, "slide_id": o.store.slide_id} for o in outcomes]
+    rows, warnings = [], []
+    for o in outcomes:
+        row, warn = _cohort_row(o, qc)
+        rows.append(row)
+        if warn and warn not in warnings:
+            warnings.append(warn)
     cohort_csv, cohort_pq = write_cohort_table(rows, out)
     tls_csv, tls_pq = write_tls_table((o.result.tls for o in outcomes), out)
     vmax = cohort_density_vmax(o.result.lymphocyte_density_per_mm2 for o in outcomes)
@@ -152,8 +193,10 @@ def write_cohort_report(
         for sec in sections:
             page = out / "slides" / f"{safe_name(sec.slide_id)}.html"
             write_html_report(page, [sec], None, title=f"{sec.slide_id} · {title}",
-                              back_link="../report.html")
+                              back_link="../report.html", banners=warnings,
+                              density_vmax_per_mm2=vmax)
             slide_pages[sec.slide_id] = page
             links[sec.slide_id] = f"slides/{page.name}"
-    report = write_html_report(out / "report.html", sections, failures, title=title, slide_links=links)
+    report = write_html_report(out / "report.html", sections, failures, title=title, slide_links=links,
+                               banners=warnings, density_vmax_per_mm2=vmax)
     return CohortOutputs(cohort_csv, cohort_pq, tls_csv, tls_pq, report, drawn, slide_pages)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -50,7 +51,10 @@ COMPARTMENT_STYLES: dict[str, tuple[str, str, float]] = {
     "margin": ("#ff8c00", "--", 0.25),
     "core": ("#8b0000", ":", 0.0),
 }
-TLS_COLOR = "#00b4ff"
+TLS_COLOR = "#0077cc"  # darker than sky blue: readable on pink tissue and on white
+TLS_LABEL_PT = 12  # TLS numbers: legible at the report's 900 px width
+# A white outline keeps labels readable on any tissue colour.
+_HALO = [patheffects.withStroke(linewidth=3, foreground="white")]
 TISSUE_OUTLINE_COLOR = "#00a651"
 
 _FIG_MAX_IN = 7.5  # longest side of the image area, inches
@@ -463,10 +467,10 @@ def plot_lymphocyte_density(
     cax = ax.inset_axes((1.03, 0.0, 0.035, 0.6))
     cb = fig.colorbar(im, cax=cax, extend="max" if len(finite) and finite.max() > vmax_per_mm2
                       else "neither")
-    cb.set_label("lymphocytes / mm² tissue", fontsize=8)
-    cb.ax.tick_params(labelsize=7)
+    cb.set_label(f"lymphocytes / mm² tissue (scale 0-{vmax_per_mm2:,.0f})", fontsize=9)
+    cb.ax.tick_params(labelsize=8)
     if count_source:
-        ax.text(1.03, 0.63, f"counts: {count_source}", transform=ax.transAxes, fontsize=7,
+        ax.text(1.03, 0.63, f"counts: {count_source}", transform=ax.transAxes, fontsize=9,
                 va="bottom", parse_math=False)
     _scale_bar(ax, w, h, geom.thumb_um_per_px)
     _title(ax, title)
@@ -548,7 +552,7 @@ def plot_compartments(
             for seg in _outline_segments(lab[sl] == k, up):
                 segs.append(seg + np.array([c0, r0], dtype=seg.dtype))
             ax.text(off[0] + (sl[1].stop + 0.2) * t, off[1] + r0 * t, str(k), color=TLS_COLOR,
-                    fontsize=8, fontweight="bold", va="top")
+                    fontsize=TLS_LABEL_PT, fontweight="bold", va="top", path_effects=_HALO)
         _draw_outline(ax, segs, t, off, color=TLS_COLOR, lw=1.6)
         n_tls = len(ids)
     elif tls_centroids_xy_level0 is not None and len(tls_centroids_xy_level0):
@@ -561,7 +565,8 @@ def plot_compartments(
             r_px = max(math.sqrt(a / math.pi) / geom.thumb_um_per_px, 2.0)
             ax.add_patch(Circle((x, y), r_px, fill=False, ec=TLS_COLOR, lw=1.6))
             ax.annotate(str(k), (x + r_px * 0.71, y - r_px * 0.71), xytext=(2, 2),
-                        textcoords="offset points", color=TLS_COLOR, fontsize=8, fontweight="bold")
+                        textcoords="offset points", color=TLS_COLOR, fontsize=TLS_LABEL_PT,
+                        fontweight="bold", path_effects=_HALO)
         n_tls = len(xy)
     handles.append(Line2D([], [], color=TLS_COLOR, lw=1.6, label=f"TLS (n = {n_tls})"))
     _scale_bar(ax, w, h, geom.thumb_um_per_px)

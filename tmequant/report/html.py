@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tmequant.provenance import canonical_json, package_version
+from tmequant.report.glossary import SUMMARY_COLUMNS, TERMS, format_cell, phenotype_reason, term
 from tmequant.report.tables import cohort_frame, column_kind, flatten_row
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -112,13 +114,31 @@ def _png_bytes(fig: bytes | str | os.PathLike[str]) -> bytes:
     return data
 
 
+# Pictures are embedded as lossy WebP: a 900 px figure over a slide thumbnail is ~1 MB as
+# PNG and ~60-120 kB as WebP at this quality, with legends and labels still crisp, so a slide
+# costs well under 500 kB of HTML. Every browser of the last five years shows WebP.
+IMAGE_MIME = "image/webp"
+WEBP_QUALITY = 75
+
+
+def embedded_image(data: bytes) -> bytes:
+    """A PNG re-encoded as WebP (RGB, quality :data:`WEBP_QUALITY`) for embedding."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="WEBP", quality=WEBP_QUALITY, method=4)
+    return buf.getvalue()
+
+
 def _img_tag(fig: bytes | str | os.PathLike[str], alt: str) -> str:
-    """An <img> with the PNG inline and its display size fixed from the PNG header
+    """An <img> with the picture inline (WebP) and its display size fixed from the PNG header
     (explicit sizes keep the layout stable and the labels legible)."""
     data = _png_bytes(fig)
     w_px, h_px = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     scale = min(1.0, MAX_FIGURE_WIDTH_PX / max(w_px, 1))
-    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    uri = f"data:{IMAGE_MIME};base64," + base64.b64encode(embedded_image(data)).decode("ascii")
     return (f'<img src="{uri}" width="{round(w_px * scale)}" height="{round(h_px * scale)}" '
             f'alt="{_e(alt)}">')
 
@@ -153,6 +173,20 @@ figcaption{font-size:12.5px;color:var(--muted);margin-top:4px}
 .failures td{white-space:normal}
 .ok{color:#2a7a2a}.bad{color:#b00020}
 .note{background:#fff6e0;border-left:3px solid #e0a000;padding:4px 8px;margin:4px 0}
+.banner{background:#fde8ec;border:2px solid #b00020;color:#6b0014;padding:8px 12px;margin:8px 0;font-weight:600}
+.qc{background:#fff1e0;border-left:3px solid #d66a00;padding:4px 8px;margin:4px 0}
+.qc ul{margin:2px 0;padding-left:20px}
+th .unit{display:block;font-weight:400;color:var(--muted);font-size:11.5px}
+th{white-space:normal;vertical-align:bottom;max-width:11em}
+td.wrap{white-space:normal;min-width:11em;max-width:20em;text-align:left}
+td .why{display:block;color:var(--muted);font-size:11.5px}
+td.flag{color:#b34a00;font-weight:600;white-space:nowrap;text-align:left;font-size:11.5px}
+table.sortable th button::after{font-size:10px}
+dl.glossary{font-size:12.5px;color:var(--muted);display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:10px 0}
+dl.glossary dt{font-weight:600;color:var(--fg)}dl.glossary dd{margin:0}
+.phenotype{font-size:15px;margin:6px 0}
+details{margin:10px 0}summary{cursor:pointer;color:var(--accent)}
+.measures td:first-child{text-align:left}.measures td.name{font-family:ui-monospace,"DejaVu Sans Mono",monospace;color:var(--muted);text-align:left;font-size:11.5px}
 """
 
 # Sorting: numbers numerically (data-v holds the raw value), text by locale; empty always last.
@@ -208,9 +242,63 @@ def _csp(script: str) -> str:
     )
 
 
-def _cell(v: Any, text: bool = False) -> str:
+def _cell(v: Any, text: bool = False, column: str | None = None) -> str:
     cls = ' class="text"' if text or isinstance(v, str) else ""
-    return f'<td{cls} data-v="{_e(_sort_key(v))}">{_e(format_value(v))}</td>'
+    shown = format_value(v) if column is None else format_cell(column, v)
+    return f'<td{cls} data-v="{_e(_sort_key(v))}">{_e(shown)}</td>'
+
+
+def _flags(value: Any) -> list[str]:
+    """The ``code: reason`` items of a ``qc_flags`` cell."""
+    if not isinstance(value, str) or not value.strip():
+        return []
+    return [f.strip() for f in value.split("; ") if f.strip()]
+
+
+def _qc_cell(value: Any) -> str:
+    flags = _flags(value)
+    if not flags:
+        return '<td class="text ok" data-v="0">ok</td>'
+    codes = "<br>".join(_e(f.split(":", 1)[0]) for f in flags)
+    return (f'<td class="text flag" data-v="{len(flags)}" title="{_e(chr(10).join(flags))}">'
+            f"⚠ {len(flags)}<br>{codes}</td>")
+
+
+def _qc_block(value: Any) -> str:
+    flags = _flags(value)
+    if not flags:
+        return ""
+    items = "".join(f"<li><b>{_e(f.split(': ', 1)[0])}</b>: {_e(f.split(': ', 1)[-1])}</li>" for f in flags)
+    return f'<div class="qc"><b>QC flags</b> (check before trusting the numbers)<ul>{items}</ul></div>'
+
+
+def _glossary_html(columns: Sequence[str], vmax: float | None) -> str:
+    items = []
+    for c in ("qc_flags", *columns):
+        t = term(c)
+        if t.definition:
+            unit = f" ({t.unit})" if t.unit else ""
+            items.append(f"<dt>{_e(t.label)}{_e(unit)}</dt><dd>{_e(t.definition)}</dd>")
+    scale = ""
+    if vmax is not None and math.isfinite(vmax):
+        scale = (f'<p class="meta">Colour scale: every lymphocyte-density picture of this cohort '
+                 f"uses the same scale, 0 to {vmax:,.0f} lymphocytes/mm² of tissue (the cohort's 99th "
+                 "percentile, at least 100); darker is denser.</p>")
+    return f'<dl class="glossary">{"".join(items)}</dl>{scale}'
+
+
+def _measures_table(biom: Mapping[str, Any]) -> str:
+    """Every biomarker of a slide: label, unit, value in its column's format, raw column name."""
+    if not biom:
+        return '<p class="meta">none recorded</p>'
+    known = [k for k in TERMS if k in biom] + [k for k in biom if k not in TERMS]
+    rows = []
+    for k in known:
+        t = term(k)
+        rows.append(f'<tr title="{_e(t.definition)}"><td>{_e(t.label)}</td><td class="text">{_e(t.unit)}</td>'
+                    f"<td>{_e(format_cell(k, biom[k]))}</td><td class=\"name\">{_e(k)}</td></tr>")
+    return ('<table class="measures"><thead><tr><th class="text">measure</th><th class="text">unit</th>'
+            '<th>value</th><th class="text">column</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
 
 
 def _kv_table(items: Mapping[str, Any]) -> str:
@@ -264,6 +352,8 @@ def render_html_report(
     generated_at: str | None = None,
     slide_links: Mapping[str, str] | None = None,
     back_link: str | None = None,
+    banners: Sequence[str] = (),
+    density_vmax_per_mm2: float | None = None,
 ) -> str:
     """The report as one HTML string.
 
@@ -275,14 +365,18 @@ def render_html_report(
     slide_links: slide id -> relative href of the slide's own page. Given, the table links
     there and the slides get no section here (a large cohort: one light page per slide).
     back_link: relative href shown as "back to the cohort" (on a per-slide page).
+    banners: warnings shown in red at the top (a synthetic or untrained model).
+    density_vmax_per_mm2: top of the cohort's shared lymphocyte-density colour scale (stated).
+    The cohort table shows :data:`tmequant.report.glossary.SUMMARY_COLUMNS` with human labels,
+    units and definitions (hover, and footnotes); each slide's section shows every measure.
     """
     show_failures = failures is not None
     failures = [_failure_fields(f) for f in failures or ()]
     rows = [{**s.row, "slide_id": s.slide_id} for s in slides]
     df = cohort_frame(rows) if rows else None
     if table_columns is None:
-        bio = [str(c) for c in (df.columns if df is not None else []) if column_kind(str(c)) == "biomarker"]
-        table_columns = [c for c in KEY_COLUMNS if c in bio] + [c for c in bio if c not in KEY_COLUMNS]
+        have = [str(c) for c in (df.columns if df is not None else [])]
+        table_columns = [c for c in SUMMARY_COLUMNS if c in have]
     ordered = sorted(slides, key=lambda s: str(s.slide_id))
     hrefs = {s.slide_id: f"#slide-{i}" for i, s in enumerate(ordered)}
     if slide_links is not None:
@@ -303,23 +397,40 @@ def render_html_report(
         meta += f" · {_e(generated_at)}"
     back = f' · <a href="{_e(back_link)}">back to the cohort</a>' if back_link else ""
     w(f'<header><h1>{_e(title)}</h1><div class="meta">{meta}{back}</div></header>')
+    for b in banners:
+        w(f'<div class="banner" role="alert">WARNING: {_e(b)}</div>')
 
     # cohort table
     w('<section id="cohort"><h2>Cohort</h2>')
     if df is not None and len(df):
-        w('<p class="meta">Click a column header to sort. – = not defined (e.g. no tumour bulk); '
-          "∞ = ratio with a zero denominator.</p>")
+        w('<p class="meta">Click a column header to sort; hover a header for its definition '
+          "(also listed below the table). – = not defined (e.g. no tumour bulk); "
+          "∞ = ratio with a zero denominator. Every measure of a slide is in its section.</p>")
         w('<div class="scroll"><table class="sortable" id="cohort-table"><thead><tr>')
-        w('<th class="text" scope="col"><button type="button">slide</button></th>')
+        w('<th class="text" scope="col" data-col="slide_id"><button type="button">Slide</button></th>')
+        w('<th class="text" scope="col" data-col="qc_flags" title="' + _e(term("qc_flags").definition)
+          + '"><button type="button">QC</button></th>')
         for c in table_columns:
-            w(f'<th scope="col"><button type="button">{_e(c)}</button></th>')
+            t = term(c)
+            unit = f'<span class="unit">{_e(t.unit)}</span>' if t.unit else ""
+            w(f'<th scope="col" data-col="{_e(c)}" title="{_e(c)}: {_e(t.definition)}">'
+              f'<button type="button">{_e(t.label)}</button>{unit}</th>')
         w("</tr></thead><tbody>")
         for rec in df.to_dict("records"):
             sid = str(rec["slide_id"])
             w(f'<tr><td class="text" data-v="{_e(sid)}"><a href="{_e(hrefs[sid])}">{_e(sid)}</a></td>')
-            w("".join(_cell(_py(rec.get(c))) for c in table_columns))
+            w(_qc_cell(rec.get("qc_flags")))
+            for c in table_columns:
+                v = _py(rec.get(c))
+                if c == "immune_phenotype":
+                    why = phenotype_reason({str(k): _py(x) for k, x in rec.items()})
+                    w(f'<td class="text wrap" data-v="{_e(_sort_key(v))}">{_e(format_value(v))}'
+                      f'<span class="why">{_e(why.split(": ", 1)[-1])}</span></td>')
+                else:
+                    w(_cell(v, column=c))
             w("</tr>")
         w("</tbody></table></div>")
+        w(_glossary_html(table_columns, density_vmax_per_mm2))
     else:
         w('<p class="meta">No slide finished.</p>')
     w("</section>")
@@ -336,8 +447,26 @@ def render_html_report(
             k[len("param_"):]: _py(v) for k, v in flat.items() if column_kind(k) == "parameter"}
         prov = dict(s.provenance) if s.provenance is not None else {
             k: _py(v) for k, v in flat.items() if column_kind(k) == "provenance"}
-        biom = {k: _py(v) for k, v in flat.items() if column_kind(k) == "biomarker"}
+        # cell_table_path is where counts came from: shown with the provenance
+        biom = {k: _py(v) for k, v in flat.items()
+                if column_kind(k) == "biomarker" and k not in ("qc_flags", "cell_table_path")}
+        if s.provenance is None and "cell_table_path" in flat:
+            prov["cell_table_path"] = _py(flat["cell_table_path"])
         w(f'<section class="slide" id="{hrefs[s.slide_id][1:]}"><h2>{_e(s.slide_id)}</h2>')
+        for b in banners:
+            w(f'<div class="banner">WARNING: {_e(b)}</div>')
+        if "immune_phenotype" in flat:
+            why = phenotype_reason({k: _py(v) for k, v in flat.items()})
+            w(f'<p class="phenotype"><b>Immune phenotype: {_e(format_value(_py(flat["immune_phenotype"])))}'
+              f'</b> · {_e(why.split(": ", 1)[-1])}</p>')
+        w(_qc_block(flat.get("qc_flags")))
+        source = " · ".join(
+            f"{label}: {_e(format_value(_py(flat[k])))}" for k, label in (
+                ("model_name", "Model"), ("model_domain", "trained on"),
+                ("count_source", "lymphocyte counts from"), ("slide_mpp_um", "pixel size (µm/px)"),
+                ("mpp_source", "from")) if k in flat)
+        if source:
+            w(f'<p class="meta">{source}</p>')
         for note in s.notes:
             w(f'<div class="note">{_e(note)}</div>')
         if s.figures:
@@ -346,11 +475,12 @@ def render_html_report(
                 w(f"<figure>{_img_tag(fig, f'{caption} of {s.slide_id}')}"
                   f"<figcaption>{_e(caption)}</figcaption></figure>")
             w("</div>")
+        w(f"<h3>Measurements</h3>{_measures_table(biom)}")
+        w("<details><summary>Parameters and provenance</summary>")
         w('<div class="cols">')
-        w(f"<div><h3>Biomarkers</h3>{_kv_table({k: format_value(v) for k, v in biom.items()})}</div>")
         w(f"<div><h3>Parameters</h3>{_kv_table(params)}</div>")
         w(f"<div><h3>Provenance</h3>{_kv_table(prov)}</div>")
-        w("</div></section>")
+        w("</div></details></section>")
 
     w(f"<script>{_JS}</script></body></html>\n")
     return "".join(out)

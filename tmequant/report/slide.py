@@ -68,7 +68,7 @@ def slide_figures(
     card = _card(grp.attrs.get("card"))
     classes = list(card.get("tissue_classes") or [])
     roles = dict(card.get("tissue_roles") or {})
-    probs = np.asarray(grp["tissue_probs"][...], dtype=np.float32)
+    probs = store.tissue_probs(model_name)
     comp = result.compartments
     origin = (int(comp.origin[0]), int(comp.origin[1]))
     row = getattr(result, "row", {}) or {}

@@ -50,6 +50,7 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "tiling_params_hash",
     "model_name",
     "model_version",
+    "model_domain",
     "model_params_hash",
     "count_source",
     "params_hash",
