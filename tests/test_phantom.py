@@ -12,8 +12,10 @@ from tmequant.phantom import (
     CLASS_NAMES,
     PhantomRenderer,
     PhantomSpec,
+    construction_truth,
     expected_biomarkers,
     generate_phantom,
+    generator_key,
     load_truth,
     make_layout,
     phantom_tiles,
@@ -62,10 +64,71 @@ def test_tls_count_follows_spec_and_distance_rule():
     assert (res.tls["distance_to_bulk_um"] <= 1000).all()
     assert (res.tls["mean_density_per_mm2"] >= 3000).all()
     # the same aggregates moved 1.4-1.6 mm away from the tumour are not TLS
+    assert construction_truth(lay).placed["tls_count"] == 4
     far = make_layout(spec.replace(n_tls=1, tls_distance_um=(1400.0, 1600.0), fat_area_mm2=0.0,
                                    width_px=14000, height_px=12000))
     assert (far.labels == LYM).any()
     assert expected_biomarkers(far).row["tls_count"] == 0
+    ct = construction_truth(far)
+    assert ct.placed["tls_count"] == 0 and len(ct.tls) == 1
+    assert ct.tls["distance_to_bulk_um"].iloc[0] > 1000 and not ct.tls["is_tls"].iloc[0]
+
+
+# --- the construction truth: what was drawn, found without tmequant.biomarkers ---------------
+
+@pytest.mark.parametrize("scenario", ["inflamed", "excluded", "desert"])
+def test_construction_truth_is_what_was_drawn(layouts, scenario):
+    lay = layouts[scenario]
+    spec = lay.spec
+    ct = construction_truth(lay)
+    p = ct.placed
+    assert p["immune_phenotype"] == scenario and p[f"phenotype_{scenario}_fraction"] == 1.0
+    assert p["tls_count"] == spec.n_tls == len(ct.tls) and p["tls_intratumoral_count"] == 0
+    assert (ct.tls["distance_to_bulk_um"] >= spec.tls_distance_um[0] - spec.tls_radius_um - 20).all()
+    # areas from the spec's geometry: the bulk is the lobed ellipse (lobes average out), the
+    # nests take nest_fraction of it, less the necrotic focus's share
+    rx, ry = spec.tumor_radii_um
+    assert p["bulk_area_mm2"] == pytest.approx(math.pi * rx * ry / 1e6, rel=0.05)
+    want_tum = spec.nest_fraction * (1 - spec.necrosis_fraction) * p["bulk_area_mm2"]
+    assert p["tumor_area_mm2"] == pytest.approx(want_tum, rel=0.05)
+    # densities as drawn: the spec's intensities within 4 Poisson sigma
+    for key, want in (("epithelium", spec.lymph_nest_per_mm2), ("tumor_stroma", spec.lymph_stroma_per_mm2)):
+        area = p[f"{key}_area_mm2"]
+        n = p["lymphocytes_intratumoral" if key == "epithelium" else "lymphocytes_stromal"]
+        assert abs(n - want * area) <= 4 * math.sqrt(want * area) + 1, (key, n, want * area)
+    # the checked row takes compartment densities at tile resolution, the rest as drawn
+    row = ct.row
+    assert row["truth_source"] == "construction"
+    assert row["til_density_intratumoral_per_mm2"] == ct.tile["til_density_intratumoral_per_mm2"]
+    assert row["immune_phenotype"] == p["immune_phenotype"] and row["tumor_area_mm2"] == p["tumor_area_mm2"]
+
+
+@pytest.mark.parametrize("scenario", ["inflamed", "excluded", "desert"])
+def test_biomarkers_module_agrees_with_the_construction(layouts, scenario):
+    # the biomarkers module on a perfect classifier and counter (tile resolution) against the
+    # independent construction truth: the bulk differs by definition (closed and opened tumour
+    # tiles vs the drawn region: 4% on these 6 x 5 mm phantoms), the rest within a few %
+    lay = layouts[scenario]
+    ct = construction_truth(lay)
+    row = expected_biomarkers(lay).row
+    truth = ct.row
+    assert row["compartment_resolution"] == "tile"
+    assert (row["immune_phenotype"], row["tls_count"]) == (truth["immune_phenotype"], truth["tls_count"])
+    assert row["tumor_area_mm2"] == pytest.approx(truth["tumor_area_mm2"], rel=1e-3)
+    assert row["bulk_area_mm2"] == pytest.approx(truth["bulk_area_mm2"], rel=0.08)
+    for k in ("til_density_intratumoral_per_mm2", "til_density_stromal_per_mm2", "til_density_core_per_mm2"):
+        assert abs(row[k] - truth[k]) <= max(0.05 * truth[k], 2.0), (k, row[k], truth[k])
+    assert abs(row["til_positive_tile_fraction"] - truth["til_positive_tile_fraction"]) <= 0.02
+
+
+def test_tile_resolution_blurs_the_excluded_nests(layouts):
+    # a known property of the tile definition, kept visible: the excluded nests were drawn
+    # with 15 lymphocytes/mm^2 in stroma with 600; 112 um tiles on nest borders mix the two
+    ct = construction_truth(layouts["excluded"])
+    placed = ct.placed["til_density_intratumoral_per_mm2"]
+    tile = ct.tile["til_density_intratumoral_per_mm2"]
+    assert placed == pytest.approx(15.0, abs=5.0)
+    assert 3 * placed < tile < 130  # blurred, yet still below the inflamed threshold
 
 
 def test_lymphocyte_density_matches_request_within_poisson_error():
@@ -207,6 +270,44 @@ def test_phantom_tiles_are_labelled_and_counted():
         assert min(lym) > 100
     mean = {c: np.mean([t.image.mean() for t in tiles if t.tissue_class == c]) for c in classes}
     assert mean["BACK"] > mean["STR"] > mean["TUM"]
+
+
+def test_generator_key_and_phantom_cache(tmp_path):
+    from tmequant.phantom import cache
+
+    spec = PhantomSpec(name="cached", width_px=1200, height_px=1000, seed=3, tumor_radii_um=(160.0, 130.0),
+                       n_tls=0, fat_area_mm2=0.0, background_margin_um=30.0)
+    key = generator_key(spec)
+    assert key == generator_key(spec) and key != generator_key(spec.replace(seed=4))
+    assert key != generator_key(spec, tile_um=56.0)
+    generate_phantom(spec, tmp_path / "a")
+    slide = tmp_path / "a" / "cached.svs"
+    assert cache.verified_truth(slide, key)["generator"] == key
+    assert cache.verified_truth(slide, generator_key(spec.replace(seed=4))) is None
+    assert cache.fetch(tmp_path / "c", key, "cached", tmp_path / "b") is None  # empty cache
+    entry = cache.store(tmp_path / "c", key, "cached", tmp_path / "a")
+    assert entry is not None and entry.name == key
+    got = cache.fetch(tmp_path / "c", key, "cached", tmp_path / "b")
+    assert got is not None and got["generator"] == key
+    assert (tmp_path / "b" / "cached.svs").read_bytes() == slide.read_bytes()
+    # a damaged entry is never used
+    with open(entry / "cached.svs", "ab") as f:
+        f.write(b"x")
+    assert cache.fetch(tmp_path / "c", key, "cached", tmp_path / "d") is None
+    assert not (tmp_path / "d" / "cached.svs").exists()
+
+
+def test_pyramid_reduce_is_the_rounded_block_mean():
+    from tmequant.wsi.write import _reduce
+
+    rng = np.random.default_rng(0)
+    for ds in (2, 4):
+        for h, w in ((64, 96), (61, 94)):  # whole blocks, and edge-replicated ones
+            strip = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            pad = np.pad(strip, ((0, (-h) % ds), (0, (-w) % ds), (0, 0)), mode="edge").astype(np.int64)
+            hh, ww = pad.shape[0] // ds, pad.shape[1] // ds
+            want = (pad.reshape(hh, ds, ww, ds, 3).sum(axis=(1, 3)) + ds * ds // 2) // (ds * ds)
+            assert np.array_equal(_reduce(strip, ds), want.astype(np.uint8))
 
 
 def test_spec_rejects_bad_values():

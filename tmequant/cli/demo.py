@@ -28,6 +28,11 @@ def demo_cmd(
     all_rows: bool = typer.Option(
         True, "--all/--required", help="Show every compared biomarker, or the required checks only.",
     ),
+    cache: bool = typer.Option(
+        True, "--cache/--no-cache",
+        help="Reuse phantoms written before (kept in $TMEQUANT_CACHE_DIR, else ~/.cache/tmequant, "
+        "about 35 MB), only when made from the same spec, code and versions and intact.",
+    ),
 ) -> None:
     """Write a phantom slide per scenario, run the pipeline with the demo model, and print each
     biomarker next to its truth (pass/fail). Exit 0 when every required check passes:
@@ -39,7 +44,7 @@ def demo_cmd(
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     try:
-        res = run_demo(out, names, seed=seed, model=model, progress=None)
+        res = run_demo(out, names, seed=seed, model=model, progress=None, cache=cache)
     except TmequantError as e:
         fail(str(e), e.exit_code)
     typer.echo(res.table(required_only=not all_rows))

@@ -8,11 +8,19 @@
 A spec (``PhantomSpec``: size, um/px, seed, tissue layout in um, lymphocyte densities in
 cells/mm^2, TLS number/size/distance) draws a tissue label map and a cell table
 (``make_layout``), which are rendered as H&E-like pixels (``PhantomRenderer``) into a
-pyramidal SVS; the expected biomarkers are computed by ``tmequant.biomarkers`` from the
-truth (cell-table path) on the pipeline's tile grid.
+pyramidal SVS. The expected biomarkers come from the construction itself
+(``construction_truth``: cells drawn per compartment, areas of the layout, the TLS placed),
+never from ``tmequant.biomarkers``, which they check; ``expected_biomarkers`` runs that
+module on the truth (a perfect classifier and counter) for its own tests.
 """
 
-from tmequant.phantom.generate import PhantomTruth, generate_phantom, load_truth, truth_dir_for
+from tmequant.phantom.generate import (
+    PhantomTruth,
+    generate_phantom,
+    generator_key,
+    load_truth,
+    truth_dir_for,
+)
 from tmequant.phantom.layout import PhantomLayout, make_layout
 from tmequant.phantom.render import PhantomRenderer
 from tmequant.phantom.spec import (
@@ -26,7 +34,9 @@ from tmequant.phantom.spec import (
 )
 from tmequant.phantom.tiles import PhantomTile, phantom_tiles, training_specs, write_phantom_tiles
 from tmequant.phantom.truth import (
+    ConstructionTruth,
     class_fractions,
+    construction_truth,
     expected_biomarkers,
     realised_densities,
     truth_grid,
@@ -38,14 +48,17 @@ __all__ = [
     "CLASS_ROLES",
     "SCENARIOS",
     "TISSUE_CLASSES",
+    "ConstructionTruth",
     "PhantomLayout",
     "PhantomRenderer",
     "PhantomSpec",
     "PhantomTile",
     "PhantomTruth",
     "class_fractions",
+    "construction_truth",
     "expected_biomarkers",
     "generate_phantom",
+    "generator_key",
     "load_truth",
     "make_layout",
     "phantom_tiles",

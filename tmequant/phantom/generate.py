@@ -19,7 +19,7 @@ from tmequant.phantom.spec import CELL_CLASSES, CLASS_NAMES, CLASS_ROLES, Phanto
 from tmequant.phantom.truth import (
     DEFAULT_MIN_TISSUE_FRACTION,
     DEFAULT_TILE_UM,
-    expected_biomarkers,
+    construction_truth,
     realised_densities,
 )
 
@@ -28,15 +28,47 @@ log = logging.getLogger("tmequant")
 #: Colours of the label-map PNG, one per class id (for eyes only).
 LABEL_COLORS = np.array([[245, 245, 245], [170, 40, 140], [240, 170, 200], [40, 40, 160],
                          [240, 220, 40], [255, 255, 190]], np.uint8)
-TRUTH_SCHEMA_VERSION = 1
+#: 2: ``expected`` comes from the phantom's construction (``construction_truth``), no longer
+#: from the biomarkers module run on the label map; ``expected_placed`` and ``generator`` added.
+TRUTH_SCHEMA_VERSION = 2
+
+
+def generator_key(spec: PhantomSpec, tile_um: float = DEFAULT_TILE_UM,
+                  min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION, params: Any = None) -> str:
+    """sha256 (hex, 16) of everything a phantom's files depend on: the spec, the truth grid and
+    parameters, the truth schema, the package version, the source of ``tmequant.phantom`` and
+    the versions of the libraries that draw, render and encode it. Equal keys: the same files
+    (the phantom is deterministic in its spec); a phantom is reused only under an equal key."""
+    import hashlib
+    import importlib.metadata as md
+
+    from tmequant.biomarkers.params import BiomarkerParams
+    from tmequant.provenance import package_version, params_hash, to_jsonable
+
+    src = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        src.update(f.name.encode() + b"\0" + f.read_bytes())
+    libs: dict[str, str | None] = {}
+    for lib in ("numpy", "scipy", "tifffile", "imagecodecs", "pillow"):
+        try:
+            libs[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            libs[lib] = None
+    blob = json.dumps(to_jsonable({
+        "spec": spec.as_dict(), "tile_um": float(tile_um), "min_tissue_fraction": float(min_tissue_fraction),
+        "params_hash": params_hash(params or BiomarkerParams()),
+        "schema": TRUTH_SCHEMA_VERSION, "package_version": package_version(),
+        "source_sha256": src.hexdigest(), "libs": libs}), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
 class PhantomTruth:
     """What ``generate_phantom`` wrote and the expected biomarkers.
 
-    ``biomarkers``: the one-row dict of ``compute_biomarkers`` on the truth; ``tls``: its TLS
-    table; ``areas_mm2``: tissue area per class; ``timings_s``: layout / render+write / truth.
+    ``biomarkers``: the construction truth row (``ConstructionTruth.row``: what the pipeline
+    should report); ``tls``: the placed TLS; ``areas_mm2``: tissue area per class;
+    ``timings_s``: layout / render+write / truth.
     """
 
     spec: PhantomSpec
@@ -72,17 +104,21 @@ def generate_phantom(spec: PhantomSpec, out_dir: str | os.PathLike[str], params:
                      quality: int = 85, keep_layout: bool = False) -> PhantomTruth:
     """Write ``<out_dir>/<spec.name>.svs`` and ``<out_dir>/<spec.name>.truth/``.
 
-    The truth folder holds ``truth.json`` (spec, legend, areas, realised densities, expected
-    biomarkers and TLS table, tile grid used), ``labels.npz`` (``labels`` (h, w) uint8 class
+    The truth folder holds ``truth.json`` (spec, legend, areas, realised densities, the
+    expected biomarkers from the construction (``expected``: what the pipeline should report,
+    compartment densities at the grid's tile resolution; ``expected_placed``: at the layout's
+    4 um resolution; ``expected_tls``: the placed TLS; see :func:`construction_truth`), the
+    tile grid used and the ``generator`` key), ``labels.npz`` (``labels`` (h, w) uint8 class
     ids, one pixel per ``downsample`` level-0 px; ``class_names``; ``downsample``;
     ``label_um``), ``labels.png`` (the same, coloured) and ``cells.parquet`` (x, y level-0 px,
-    class in lymphocyte / tumor_cell / other). ``params``: ``BiomarkerParams`` (default:
-    the defaults). Returns a :class:`PhantomTruth`.
+    class in lymphocyte / tumor_cell / other). ``params``: ``BiomarkerParams`` whose thresholds
+    the truth uses (default: the defaults). Returns a :class:`PhantomTruth`.
     """
-    from tmequant.biomarkers import BiomarkerParams
+    from tmequant.biomarkers.params import BiomarkerParams
     from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
     from tmequant.wsi.write import write_pyramid_tiff
 
+    key = generator_key(spec, tile_um, min_tissue_fraction, params)
     params = params or BiomarkerParams()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,10 +143,8 @@ def generate_phantom(spec: PhantomSpec, out_dir: str | os.PathLike[str], params:
                         downsample=np.int64(layout.downsample), label_um=np.float64(spec.label_um))
     _save_png(tdir / "labels.png", LABEL_COLORS[layout.labels])
 
-    res = expected_biomarkers(layout, params, tile_um, min_tissue_fraction)
-    row = dict(res.row)
-    row["slide_id"] = spec.name
-    row["source_path"] = str(slide_path.resolve())
+    ct = construction_truth(layout, params, tile_um, min_tissue_fraction)
+    row = ct.row
     areas = layout.class_areas_mm2()
     t3 = time.perf_counter()
 
@@ -135,13 +169,15 @@ def generate_phantom(spec: PhantomSpec, out_dir: str | os.PathLike[str], params:
         "realised_densities_per_mm2": realised_densities(layout),
         "tls_centers_px": layout.tls_centers_px.tolist(),
         "grid": {"tile_um": tile_um, "tile_level0_px": tile_um / spec.mpp_um,
-                 "min_tissue_fraction": min_tissue_fraction, "n_tiles": int(row["n_tiles"]),
-                 "tile_probs": "label-map class fractions", "count_source": "cell_table"},
+                 "min_tissue_fraction": min_tissue_fraction, "n_tiles": int(ct.tile["n_tiles"])},
         "biomarker_params": to_jsonable(params),
         "biomarker_params_hash": params_hash(params),
+        "truth_source": "construction",
         "expected": to_jsonable(row),
-        "expected_tls": to_jsonable(res.tls.to_dict(orient="records")),
+        "expected_placed": to_jsonable(ct.placed),
+        "expected_tls": to_jsonable(ct.tls.to_dict(orient="records")),
         "package_version": package_version(),
+        "generator": key,
     }
     truth_path = tdir / "truth.json"
     truth_path.write_text(json.dumps(to_jsonable(truth), indent=1, sort_keys=True, allow_nan=False))
@@ -150,7 +186,7 @@ def generate_phantom(spec: PhantomSpec, out_dir: str | os.PathLike[str], params:
              spec.width_px, spec.height_px, spec.mpp_um, row.get("immune_phenotype"),
              row.get("tls_count"), timings["total_s"])
     return PhantomTruth(spec=spec, slide_path=slide_path, truth_dir=tdir, truth_path=truth_path,
-                        labels_path=labels_path, cells_path=cells_path, biomarkers=row, tls=res.tls,
+                        labels_path=labels_path, cells_path=cells_path, biomarkers=row, tls=ct.tls,
                         areas_mm2=areas, timings_s=timings, layout=layout if keep_layout else None)
 
 

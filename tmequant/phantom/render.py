@@ -224,6 +224,12 @@ class PhantomRenderer:
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) of the level-0 region at (x0, y0); outside the slide is glass."""
         H, W = self.shape
+        if 0 <= y0 and 0 <= x0 and y0 + h <= H and x0 + w <= W:
+            b0 = (y0 // self.band_px) * self.band_px
+            if y0 + h <= b0 + self.band_px:  # inside one band (the writer's strips): one copy
+                if self._band is None or self._band[0] != b0:
+                    self._band = (b0, self.render_band(b0, min(self.band_px, H - b0)))
+                return self._band[1][y0 - b0 : y0 - b0 + h, x0 : x0 + w].copy()
         out = np.empty((h, w, 3), np.uint8)
         out[...] = self.lut[0]
         xa, xb = max(x0, 0), min(x0 + w, W)

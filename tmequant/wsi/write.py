@@ -50,8 +50,13 @@ def _reduce(strip: np.ndarray, ds: int) -> np.ndarray:
     ph, pw = (-h) % ds, (-w) % ds
     if ph or pw:
         strip = np.pad(strip, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    hh, ww = strip.shape[0] // ds, strip.shape[1] // ds
-    s = strip.reshape(hh, ds, ww, ds, 3).sum(axis=(1, 3), dtype=np.uint32)
+    # sums of strided slices: ~8x less CPU than .sum(axis=(1, 3)) over a 5-D reshape
+    rows = strip[0::ds].astype(np.uint32)
+    for i in range(1, ds):
+        rows += strip[i::ds]
+    s = rows[:, 0::ds]
+    for j in range(1, ds):
+        s = s + rows[:, j::ds]
     return ((s + (ds * ds) // 2) // (ds * ds)).astype(np.uint8)
 
 
