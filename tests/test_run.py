@@ -43,6 +43,7 @@ def _read_failures(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_serial_run_outputs_and_bad_slide(serial, inputs):
     out, rc = serial
     assert rc == 1  # BAD failed; the others finished
@@ -78,6 +79,7 @@ def test_serial_run_outputs_and_bad_slide(serial, inputs):
     assert not (out / ".tmequant.lock.json").exists()
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages(serial, inputs):
     out, _ = serial
     before = (out / "cohort.csv").read_bytes()
@@ -98,6 +100,7 @@ def test_rerun_skips_finished_stages(serial, inputs):
     assert _read_failures(out) == []  # rewritten: the bad slide is no longer in this batch
 
 
+@pytest.mark.slow
 def test_resume_redoes_only_unfinished_stages(serial, inputs):
     out, _ = serial
     import zarr
@@ -118,6 +121,7 @@ def test_resume_redoes_only_unfinished_stages(serial, inputs):
     pd.testing.assert_frame_equal(pd.read_csv(out / "cohort.csv"), before)
 
 
+@pytest.mark.slow
 def test_cells_dir_replaces_counts_and_a_missing_table_fails_its_slide(serial, inputs, tmp_path):
     import shutil
 
@@ -163,6 +167,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_lock_second_run_stops_then_waits(inputs, tmp_path):
     out = tmp_path / "out"
     argv = _cli("run", str(inputs["S1"]), "--out", str(out), "--model", str(inputs["model"]),
@@ -192,6 +197,7 @@ def test_lock_second_run_stops_then_waits(inputs, tmp_path):
     assert (out / "cohort.csv").is_file()
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_matches_serial(serial, inputs, tmp_path):
     """A real LocalCluster of two worker processes, one declaring a GPU: the same cohort table,
     byte for byte, and every predict task on the GPU worker."""

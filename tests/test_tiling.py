@@ -105,12 +105,18 @@ def test_real_slides(tmp_path):
     s = SlideStore(res.store_path)
     assert s.attrs["mpp_source"] == "vendor" and s.slide_mpp_um == pytest.approx(0.499, abs=1e-3)
     assert s.tile_level0_px == pytest.approx(112.0 / 0.499)
-    # full tiles only: 2220 / 224.45 -> 9 columns, 2967 / 224.45 -> 13 rows
-    assert s.grid[:, 1].max() <= 8 and s.grid[:, 0].max() <= 12
-    assert 20 < s.n_tiles <= 9 * 13
+    # partial edge tiles too: 2220 / 224.45 -> 10 columns, 2967 / 224.45 -> 14 rows
+    assert s.grid[:, 1].max() <= 9 and s.grid[:, 0].max() == 13
+    assert 20 < s.n_tiles <= 10 * 14
+    t = s.tile_level0_px
+    # a partial edge tile: glass beyond the slide, its tissue fraction at most its share on it
+    edge = int(np.flatnonzero(s.grid[:, 0] == 13)[0])
+    on_rows = round((2967 - 13 * t) / t * 224)
+    assert (s.images[edge][on_rows + 1:] == 255).all()
+    assert s.tissue_fraction[edge] <= (2967 - 13 * t) / t + 1e-6
+    whole = [i for i in range(s.n_tiles) if (s.grid[i, 0] + 1) * t <= 2967 and (s.grid[i, 1] + 1) * t <= 2220]
     with openslide.OpenSlide(str(cmu)) as osr:  # pixels against a direct read + resize
-        t = s.tile_level0_px
-        for i in (0, s.n_tiles // 2, s.n_tiles - 1):
+        for i in (whole[0], whole[len(whole) // 2], whole[-1]):
             r, c = s.grid[i].tolist()
             box = (c * t, r * t, (c + 1) * t, (r + 1) * t)
             x0, y0 = int(box[0]), int(box[1])
@@ -214,6 +220,7 @@ tt.tile_slide(sys.argv[1], sys.argv[2], TilingParams(tiles_per_chunk=2, tiles_pe
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_store(tmp_path):
     img = np.full((8 * T0, 8 * T0, 3), PINK, np.uint8)
     img[::7] = PURPLE  # texture so that tiles differ

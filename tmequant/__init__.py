@@ -40,6 +40,7 @@ if _typing.TYPE_CHECKING:  # what mypy and IDEs see; at run time these load lazi
     from tmequant.biomarkers.params import BiomarkerParams as BiomarkerParams
     from tmequant.biomarkers.store import biomarkers_for_store as biomarkers_for_store
     from tmequant.inference.engine import PredictResult as PredictResult
+    from tmequant.inference.cells import detect_image as detect_image
     from tmequant.inference.engine import predict_store as predict_store
     from tmequant.inference.nuclei import CountResult as CountResult
     from tmequant.inference.nuclei import NucleusCounterParams as NucleusCounterParams
@@ -85,6 +86,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ModelCard": ("tmequant.models.card", "ModelCard"),
     "predict_store": ("tmequant.inference.engine", "predict_store"),
     "PredictResult": ("tmequant.inference.engine", "PredictResult"),
+    "detect_image": ("tmequant.inference.cells", "detect_image"),
     # the weight-free nucleus counter
     "count_nuclei": ("tmequant.inference.nuclei", "count_store"),
     "NucleusCounterParams": ("tmequant.inference.nuclei", "NucleusCounterParams"),
@@ -135,6 +137,7 @@ __all__ = [  # noqa: RUF022 - grouped by step, in the order of docs/api.md
     "ModelCard",
     "predict_store",
     "PredictResult",
+    "detect_image",
     # the weight-free nucleus counter
     "count_nuclei",
     "NucleusCounterParams",

@@ -44,12 +44,12 @@ a half file that looks finished; zarr groups carry their own completion markers.
 from __future__ import annotations
 
 import csv
+import filecmp
 import io
 import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 import uuid
@@ -65,6 +65,7 @@ import pandas as pd
 from tmequant._faults import checkpoint
 from tmequant.batch import Failure, one_line_reason
 from tmequant.biomarkers import BiomarkerParams
+from tmequant.domain import is_phantom_slide
 from tmequant.errors import InputError, TmequantError
 from tmequant.inputs import SlideSpec, expand_slides
 from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
@@ -138,6 +139,7 @@ class SlideRun:
     cell_table: str | None = None
     notes: tuple[str, ...] = ()
     workers: dict[str, str] = field(default_factory=dict)  # Dask: stage -> worker address
+    why: dict[str, str] = field(default_factory=dict)  # stage -> why it was skipped (shown)
     result_hash: str | None = None  # inputs hash of the biomarker stage (names its outputs)
 
     @property
@@ -183,11 +185,15 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(p)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: give the partial copy's space back
+        raise
     return p
 
 
@@ -242,56 +248,22 @@ def output_lock(out_dir: str | os.PathLike[str], wait: bool = False,
     (pid, host, start time from ``.tmequant.lock.json``); with ``wait`` it blocks until free.
     The lock is an OS file lock (``filelock``): a killed run releases it automatically.
     """
-    from filelock import FileLock, Timeout
+    from tmequant.locks import file_lock
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError("--out exists and is not a folder", out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out / LOCK_NAME), is_singleton=False) if _filelock_has_singleton() \
-        else FileLock(str(out / LOCK_NAME))
-    info_path = out / (LOCK_NAME + ".json")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        holder = _lock_holder(info_path)
-        if not wait:
-            raise OutputLockedError(
-                f"output folder is in use by another tmequant run ({holder}); wait for it to "
-                "finish, pass --wait to queue behind it, or choose another --out", out) from None
-        log.info("%s: waiting for the run holding the folder (%s)", out, holder)
-        lock.acquire(timeout=-1, poll_interval=poll_s)
-    _remove_stale_temp_files(out)
-    try:
-        atomic_write_text(info_path, json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8]}))
+
+    def busy(holder: str) -> OutputLockedError:
+        return OutputLockedError(
+            f"output folder is in use by another tmequant run ({holder}); wait for it to "
+            "finish, pass --wait to queue behind it, or choose another --out", out)
+
+    with file_lock(out / LOCK_NAME, busy, wait=wait, poll_s=poll_s,
+                   waiting=f"{out}: waiting for the run holding the folder ({{holder}})"):
+        _remove_stale_temp_files(out)
         yield
-    finally:
-        try:
-            info_path.unlink()
-        except OSError:
-            pass
-        lock.release()
-
-
-def _filelock_has_singleton() -> bool:
-    import inspect
-
-    from filelock import FileLock
-
-    try:
-        return "is_singleton" in inspect.signature(FileLock.__init__).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-
-
-def _lock_holder(info_path: Path) -> str:
-    try:
-        info = json.loads(info_path.read_text())
-        return f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
-    except (OSError, ValueError):
-        return "holder unknown"
 
 
 # --- progress ---------------------------------------------------------------------------
@@ -349,7 +321,10 @@ class BatchProgress:
         rate = run.tiles_per_s.get(stage)
         rate_s = f", {rate:.1f} tiles/s" if rate and what == "done" else ""
         tiles = f", {run.n_tiles} tiles" if run.n_tiles is not None else ""
-        msg = f"{run.slide_id}: {stage} {what}{tiles}{rate_s} ({run.seconds.get(stage, 0.0):.1f} s)"
+        if what == "skipped" and run.why.get(stage):  # say why, not just "skipped"
+            msg = f"{run.slide_id}: {stage}: {run.why[stage]}{tiles} ({run.seconds.get(stage, 0.0):.1f} s)"
+        else:
+            msg = f"{run.slide_id}: {stage} {what}{tiles}{rate_s} ({run.seconds.get(stage, 0.0):.1f} s)"
         if self._rich is not None:
             self._show(msg)
         elif self.enabled:
@@ -438,6 +413,7 @@ def _stage(run: SlideRun, name: str, fn: Any, progress: BatchProgress | None) ->
 def _do_cells(run: SlideRun, cfg: RunConfig) -> None:
     if cfg.cells_dir is None:
         run.stages["cells"] = "skipped"
+        run.why["cells"] = "no cell table given (--cells-dir)"
         return
     run.cell_table = str(find_cell_table(cfg.cells_dir, run.slide_id))
     run.stages["cells"] = "done"
@@ -450,6 +426,7 @@ def _do_tile(run: SlideRun, cfg: RunConfig) -> None:
                      workers=cfg.workers, progress=False)
     run.store_path, run.n_tiles = res.store_path, res.n_tiles
     run.stages["tile"] = "skipped" if res.reused else "done"
+    run.why["tile"] = "store already made with these parameters, reused"
     if not res.reused:
         run.tiles_per_s["tile"] = res.tiles_per_s
     if run.spec.mpp_override_um is not None:
@@ -466,6 +443,7 @@ def _do_predict(run: SlideRun, cfg: RunConfig, model: Any = None) -> None:
                         num_workers=readers, overwrite=cfg.overwrite, progress=False)
     run.model_name = res.model_name
     run.stages["predict"] = "skipped" if res.skipped else "done"
+    run.why["predict"] = f"predictions of {res.model_name} already complete, reused"
     if res.n_computed:
         run.tiles_per_s["predict"] = res.tiles_per_s
 
@@ -486,6 +464,15 @@ def _reader_processes(n_tiles: int) -> int | None:
     return None
 
 
+_COUNTER_WARNED: set[str] = set()
+
+
+def _default_model() -> str:
+    from tmequant.models.registry import DEFAULT_MODEL  # lazy: keeps torch out of import
+
+    return DEFAULT_MODEL
+
+
 def _counter_needed(run: SlideRun, cfg: RunConfig, has_count_head: bool) -> bool:
     """The counter runs only where its counts are used: no cell table and no count head."""
     return (cfg.counter is not None and getattr(cfg.counter, "enabled", True)
@@ -495,29 +482,38 @@ def _counter_needed(run: SlideRun, cfg: RunConfig, has_count_head: bool) -> bool
 def _do_count(run: SlideRun, cfg: RunConfig, has_count_head: bool) -> None:
     if not _counter_needed(run, cfg, has_count_head):
         run.stages["count"] = "skipped"
+        run.why["count"] = ("nucleus counter not needed: counts come from the cell table"
+                            if run.cell_table is not None else
+                            "nucleus counter not needed: counts come from the model's count head"
+                            if has_count_head else "nucleus counter off (--counter off)")
         return
     from tmequant.inference.nuclei import count_store
 
     assert run.store_path is not None
+    # once per output folder and process; phantoms (the demo) are what its settings are for
+    if cfg.out_dir not in _COUNTER_WARNED and not is_phantom_slide(run.spec.path):
+        _COUNTER_WARNED.add(cfg.out_dir)
+        log.warning("lymphocyte counts come from the weight-free nucleus counter, which finds "
+                    "about 1 in 6 human-labelled lymphocytes on real H&E (BRCA-M2C: F1 0.26); "
+                    "for counts to trust use a cell detector (the default model, %s) or a cell "
+                    "table (--cells-dir)", _default_model())
     res = count_store(run.store_path, cfg.counter, workers=cfg.workers, overwrite=cfg.overwrite,
                       progress=False)
     run.stages["count"] = "done" if res.computed else "skipped"
+    run.why["count"] = "nucleus counts already complete, reused"
     if res.computed:
         run.tiles_per_s["count"] = res.tiles_per_s
 
 
 def _biomarker_inputs(run: SlideRun, cfg: RunConfig, store: Any) -> dict[str, Any]:
     """Everything the biomarker stage's outputs depend on (hashed into its marker)."""
-    grp = store.predictions(run.model_name)
-    nuclei = None
-    if cfg.counter is not None and "nuclei" in store.root:  # counter off: its counts are unused
-        g = store.root["nuclei"]
-        nuclei = g.attrs.get("params_hash") if g.attrs.get("complete") else None
+    # counter off: its counts are unused
+    nuclei = store.nuclei_params_hash() if cfg.counter is not None else None
     return {
-        "store_params_hash": store.attrs.get("params_hash"),
+        "store_params_hash": store.params_hash,
         "source_fingerprint": store.attrs.get("source_fingerprint"),
         "predictions": run.model_name,
-        "predictions_params_hash": grp.attrs.get("params_hash"),
+        "predictions_params_hash": store.prediction_params_hash(run.model_name),
         "nuclei_params_hash": nuclei,
         "cell_table": None if run.cell_table is None else file_fingerprint(run.cell_table),
         "biomarker_params_hash": params_hash(cfg.params),
@@ -543,6 +539,7 @@ def _do_biomarkers(run: SlideRun, cfg: RunConfig) -> None:
         if cached is not None:
             run.result = cached
             run.stages["biomarkers"] = "skipped"
+            run.why["biomarkers"] = "inputs unchanged since the last run, results reused"
             return
     res = biomarkers_for_store(store, run.model_name, cells=run.cell_table, params=cfg.params,
                                nucleus_counts=cfg.counter is not None)
@@ -592,20 +589,16 @@ def _finish_slide(run: SlideRun, cfg: RunConfig, model: Any = None,
 
 
 def _has_count_head(run: SlideRun, model: Any, cfg: RunConfig) -> bool:
-    """Whether the predictions hold cell counts (read from the store: no model needed)."""
+    """Whether the predictions hold cell counts (read from the store: no model needed).
+    An untrained model's count head never counts: its random counts would replace the counter."""
+    from tmequant.domain import count_head_trusted
     from tmequant.tiling.store import SlideStore
 
     assert run.store_path is not None and run.model_name is not None
-    grp = SlideStore(run.store_path).predictions(run.model_name)
-    return bool(_card_of(grp).get("cell_classes")) and "cell_counts" in grp
-
-
-def _card_of(grp: Any) -> dict[str, Any]:
-    """The model card stored with a predictions group, as a dict."""
-    card: Any = grp.attrs.get("card") or {}
-    if isinstance(card, str):
-        card = json.loads(card)
-    return dict(card) if isinstance(card, dict) else {}
+    store = SlideStore(run.store_path)
+    card = store.prediction_card(run.model_name)
+    return bool(card.get("cell_classes")) and store.has_cell_counts(run.model_name) \
+        and count_head_trusted(card)
 
 
 _STAGE_FNS = {"cells": _do_cells, "tile": _do_tile}
@@ -629,6 +622,10 @@ def write_slide_result(rdir: Path, slide_id: str, store: Any, model_name: str, r
                                                       lineterminator="\n"))
     atomic_write_bytes(rdir / "arrays.npz", _result_arrays(res))
     write_slide_geojson(rdir / f"{slide_id}{geojson_suffix}", store, model_name, res)
+    if store.has_cells(model_name):  # a detector's cells: one row per cell (output-schema.md)
+        buf = io.BytesIO()
+        store.read_cells(model_name).to_parquet(buf, index=False)
+        atomic_write_bytes(rdir / "cells.parquet", buf.getvalue())
     checkpoint("slide_result")  # tests: a kill with every file written but the marker
     atomic_write_text(marker, _json_dumps({"slide_id": slide_id, "inputs_hash": inputs_hash,
                                            "inputs": inputs, "complete": True}))
@@ -722,18 +719,17 @@ def slide_features(store: Any, model_name: str, res: Any, slide_id: str | None =
     from tmequant.report.figures import COMPARTMENT_STYLES, TLS_COLOR, class_colors
 
     sid = slide_id or store.slide_id
-    grp = store.predictions(model_name)
-    card = _card_of(grp)
+    card = store.prediction_card(model_name)
     classes = list(card.get("tissue_classes") or [])
     roles = dict(card.get("tissue_roles") or {})
-    probs = np.asarray(grp["tissue_probs"][...], dtype=np.float32)
+    probs = store.tissue_probs(model_name)
     colors = [list(_hex_rgb(c)) for c in class_colors(classes, roles)]
     # measurement name -> (N,) values, in the order QuPath lists them
     meas: dict[str, np.ndarray] = {f"P({c})": probs[:, k] for k, c in enumerate(classes)}
     meas["Lymphocyte count"] = np.asarray(res.lymphocyte_counts, float)
     meas["Lymphocyte density per mm^2"] = np.asarray(res.lymphocyte_density_per_mm2, float)
-    if "cell_counts" in grp and card.get("cell_classes"):
-        cc = np.asarray(grp["cell_counts"][...], dtype=np.float32)
+    cc = store.cell_counts(model_name) if card.get("cell_classes") else None
+    if cc is not None:
         for k, name in enumerate(card["cell_classes"]):
             meas[f"Model {name} count"] = cc[:, k]
     nuc = store.nuclei_counts()
@@ -858,7 +854,18 @@ def _failures_csv(out: Path, failures: Sequence[Failure]) -> Path:
     w.writerow(["slide_id", "stage", "reason"])
     for f in sorted(failures, key=lambda f: f.item_id):
         w.writerow([f.item_id, f.stage, f.reason])
-    return atomic_write_text(out / "failures.csv", buf.getvalue())
+    try:
+        return atomic_write_text(out / "failures.csv", buf.getvalue())
+    except OSError:
+        # A full disk: the atomic write needs room for a second copy. Rewriting the existing
+        # file in place reuses its blocks, so the failure is still recorded.
+        path = out / "failures.csv"
+        if not path.is_file():
+            raise
+        with open(path, "r+", encoding="utf-8") as fh:
+            fh.write(buf.getvalue())
+            fh.truncate()
+        return path
 
 
 def run_batch(
@@ -879,6 +886,7 @@ def run_batch(
     wait: bool = False,
     progress: bool | None = True,
     title: str | None = None,
+    qc: Any = None,
 ) -> RunResult:
     """Run the whole pipeline on a batch of slides into ``out_dir`` (layout: module docstring).
 
@@ -889,6 +897,7 @@ def run_batch(
     scheduler: a dask.distributed Client or a scheduler address; local_workers: start a
     LocalCluster of that many worker processes. Neither: everything runs in this process.
     Holds the output-folder lock for the duration (``wait``: queue behind another run).
+    qc: :class:`tmequant.report.qc.QCParams` of the cohort table's ``qc_flags`` (None: defaults).
     Never raises for a slide problem; see ``RunResult.failures``.
     """
     t0 = time.perf_counter()
@@ -908,6 +917,8 @@ def run_batch(
     out = Path(out_dir)
     loaded = get_model(str(model))
     card = loaded.card
+    if card.domain_warning and not all(is_phantom_slide(s.path) for s in specs):
+        log.warning("WARNING: %s", card.domain_warning)  # one line; the report gets a banner
     if tiling is None:
         tiling = TilingParams(target_mpp_um=card.mpp_um, tile_px=card.tile_px)
     _check_model_tiling(card, tiling, str(model))
@@ -919,6 +930,7 @@ def run_batch(
                     device=device, batch_size=batch_size, workers=workers, overwrite=overwrite)
 
     with output_lock(out, wait=wait):
+        _check_output_folder(out, specs, cfg)
         atomic_write_text(out / "run.json", _json_dumps({
             "package_version": package_version(), "model": cfg.model, "model_name": card.name,
             "model_version": card.version, "tiling": to_jsonable(tiling),
@@ -940,9 +952,50 @@ def run_batch(
                     runs[spec.slide_id] = run = run_slide(spec, cfg, model=loaded, progress=bar)
                     bar.slide_done(run)
                 figures = _prepare_figures(out, runs, card.name, None)
-        result = _write_cohort(out, specs, runs, card.name, title, figures)
+        result = _write_cohort(out, specs, runs, card.name, title, figures, qc)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_output_folder(out: Path, specs: Sequence[SlideSpec], cfg: RunConfig) -> None:
+    """Refuse, before any work, a run that would silently lose or mix slides of ``out``.
+
+    1. Slides with results in ``out`` that this run does not name: the cohort tables and
+       report are rewritten from this run's slides, so they would drop them.
+    2. A slide id whose store in ``out`` was made from another slide file (another path and
+       other contents): its results would be replaced by a different slide's.
+    """
+    ids = {s.slide_id.lower() for s in specs}
+    rdir = out / "results"
+    earlier = sorted(d.name for d in rdir.iterdir()
+                     if (d / "done.json").is_file() and d.name.lower() not in ids) if rdir.is_dir() else []
+    if earlier:
+        shown = ", ".join(earlier[:5]) + (f" and {len(earlier) - 5} more" if len(earlier) > 5 else "")
+        raise InputError(
+            f"the folder holds results of {len(earlier)} slide(s) this run does not name ({shown}); "
+            "the cohort tables and report would leave them out: name them too (finished results "
+            "are reused), delete their results/<slide_id> folders, or choose another --out", out)
+    for s in specs:
+        meta = cfg.stores_dir / f"{s.slide_id}.zarr" / "zarr.json"
+        try:
+            src = json.loads(meta.read_text()).get("attributes", {}).get("source_path")
+        except (OSError, ValueError, AttributeError):
+            continue  # no store yet (or unreadable: the tile stage says so)
+        if not src or "://" in str(s.path) or os.path.realpath(src) == os.path.realpath(s.path):
+            continue
+        if not Path(src).is_file() or not Path(s.path).is_file():
+            continue  # moved: the tile stage compares the file with the store's fingerprint
+        try:  # a copy is the same slide; only a rare same-size pair is read through
+            same = os.path.samefile(src, s.path) or (
+                os.path.getsize(src) == os.path.getsize(s.path)
+                and filecmp.cmp(src, s.path, shallow=False))
+        except OSError:
+            continue
+        if not same:
+            raise InputError(
+                f"slide id {s.slide_id!r} in this folder belongs to {src}, not to {s.path}; "
+                "give the slides unique ids (a CSV manifest slide_id,path) or choose another --out",
+                out)
 
 
 def _check_model_tiling(card: Any, tiling: TilingParams, model: str) -> None:
@@ -959,7 +1012,8 @@ def _check_model_tiling(card: Any, tiling: TilingParams, model: str) -> None:
 
 
 def _write_cohort(out: Path, specs: Sequence[SlideSpec], runs: dict[str, SlideRun],
-                  model_name: str, title: str | None, figures: FigurePlan | None = None) -> RunResult:
+                  model_name: str, title: str | None, figures: FigurePlan | None = None,
+                  qc: Any = None) -> RunResult:
     from tmequant.report import SlideOutcome, write_cohort_report
     from tmequant.tiling.store import SlideStore
 
@@ -975,7 +1029,7 @@ def _write_cohort(out: Path, specs: Sequence[SlideSpec], runs: dict[str, SlideRu
     try:
         co = write_cohort_report(out, outcomes, failures,
                                  title=title or f"tmequant cohort report ({model_name})",
-                                 figures=None if figures is None else figures.ready)
+                                 figures=None if figures is None else figures.ready, qc=qc)
     except Exception as exc:  # noqa: BLE001 - per-slide outputs are written; say what failed
         reason = one_line_reason(exc)
         log.error("cohort report failed: %s", reason)

@@ -23,7 +23,9 @@ TISSUE_ROLES: tuple[str, ...] = (
 CELL_ROLES: tuple[str, ...] = ("lymphocyte", "tumor_cell", "other")
 
 # Where per-tile lymphocyte counts came from, in order of precedence.
-COUNT_SOURCES: tuple[str, ...] = ("cell_table", "model", "nucleus_counter", "area_estimate")
+# ``model_cells``: the cells a detector model wrote into the store (tmequant.inference.cell_store).
+COUNT_SOURCES: tuple[str, ...] = ("cell_table", "model_cells", "model", "nucleus_counter",
+                                  "area_estimate")
 
 # Exact names first (lower case), then word rules. TIGER counts lymphocytes and plasma
 # cells together; HoVer-Net/CellViT/PanNuke "inflammatory" is mostly lymphocytes. PanNuke

@@ -21,7 +21,7 @@ from tmequant.errors import CellTableError, InputError, StoreError
 from tmequant.roles import COUNT_SOURCES, TISSUE_ROLES
 
 if TYPE_CHECKING:
-    from tmequant.tiling.store import SlideStore
+    from tmequant.store import SlideStore
 
 log = logging.getLogger("tmequant")
 
@@ -110,9 +110,14 @@ class TileGrid:
         return self.role_probs.get(role, np.zeros(self.n_tiles))
 
     def hard_roles(self) -> np.ndarray:
-        """(N,) int index into TISSUE_ROLES of each tile's most probable role (ties: first role)."""
+        """(N,) int index into TISSUE_ROLES of each tile's most probable role; -1 (no role)
+        where there is none: all probabilities 0 (NaN from a broken model reads as 0) or a
+        tie for the top (a flat output). Such tiles are in no compartment; a tie never goes
+        to the first role (which made NaN tiles tumour)."""
         stack = np.stack([self.prob(r) for r in TISSUE_ROLES], axis=0)
-        return np.argmax(stack, axis=0)
+        top = stack.max(axis=0)
+        unique_top = (stack == top).sum(axis=0) == 1
+        return np.where((top > 0) & unique_top, np.argmax(stack, axis=0), -1)
 
     # --- constructors ------------------------------------------------------------------
     @classmethod
@@ -128,20 +133,20 @@ class TileGrid:
         ``nucleus_counts=False`` ignores nucleus-counter counts already in the store (the
         counter switched off for this run).
         """
-        from tmequant.tiling.store import SlideStore
+        from tmequant.store import SlideStore
 
         store = store_or_path if isinstance(store_or_path, SlideStore) else SlideStore(store_or_path)
-        grp = store.predictions(model_name)
-        card = _card_dict(grp.attrs.get("card"), store.path, model_name)
+        card = _card_dict(store.prediction_attrs(model_name).get("card"), store.path, model_name)
         tissue_classes = list(card.get("tissue_classes") or [])
         tissue_roles = dict(card.get("tissue_roles") or {})
-        if "tissue_probs" not in grp:
-            raise StoreError(f"predictions/{model_name} has no tissue_probs", store.path)
-        probs = np.asarray(grp["tissue_probs"][...], dtype=np.float32)  # type: ignore[index]
+        if not store.has_tissue_probs(model_name):
+            raise StoreError(f"predictions of {model_name!r} have no tissue probabilities",
+                             store.path)
+        probs = store.tissue_probs(model_name)
         n = store.n_tiles
         if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != len(tissue_classes):
             raise StoreError(
-                f"predictions/{model_name}/tissue_probs has shape {probs.shape}, expected "
+                f"tissue probabilities of {model_name!r} have shape {probs.shape}, expected "
                 f"({n}, {len(tissue_classes)}) from the card's tissue_classes", store.path)
         role_probs = _sum_by_role(probs, tissue_classes, tissue_roles, store.path)
         grid_rc = store.grid
@@ -151,9 +156,9 @@ class TileGrid:
             "source_fingerprint": attrs.get("source_fingerprint"),
             "slide_mpp_um": attrs.get("slide_mpp_um"), "mpp_source": attrs.get("mpp_source"),
             "target_mpp_um": attrs.get("target_mpp_um"), "tile_px": attrs.get("tile_px"),
-            "store_path": store.path, "store_params_hash": attrs.get("params_hash"),
+            "store_path": store.path, "store_params_hash": store.params_hash,
             "model_name": card.get("name", model_name), "model_version": card.get("version"),
-            "predictions_params_hash": grp.attrs.get("params_hash"),
+            "predictions_params_hash": store.prediction_params_hash(model_name),
             "level0_width_px": attrs.get("level0_width_px"),
             "level0_height_px": attrs.get("level0_height_px"),
         }
@@ -161,8 +166,13 @@ class TileGrid:
         source = None
         cell_classes = list(card.get("cell_classes") or [])
         cell_roles_map = dict(card.get("cell_roles") or {})
-        if "cell_counts" in grp and cell_classes:
-            counts = np.asarray(grp["cell_counts"][...], dtype=np.float64)  # type: ignore[index]
+        from tmequant.domain import count_head_trusted
+
+        # An untrained model's (random) count head never replaces a count source.
+        model_counts = store.cell_counts(model_name) \
+            if cell_classes and count_head_trusted(card) else None
+        if model_counts is not None:
+            counts = model_counts.astype(np.float64)
             if counts.shape == (n, len(cell_classes)):
                 by_role = _sum_by_role(counts, cell_classes, cell_roles_map, store.path)
                 if "lymphocyte" in by_role:
@@ -227,8 +237,10 @@ class TileGrid:
                    count_source="model" if lymph is not None else None,
                    metadata=dict(metadata or {}))
 
-    def with_cells(self, cells: pd.DataFrame, cell_role_map: Mapping[str, str] | None = None) -> TileGrid:
-        """A copy whose counts come from a cell table (count_source ``cell_table``)."""
+    def with_cells(self, cells: pd.DataFrame, cell_role_map: Mapping[str, str] | None = None,
+                   source: str = "cell_table") -> TileGrid:
+        """A copy whose counts come from a cell table (count_source ``source``: ``cell_table``
+        for a user's table, ``model_cells`` for a detector's cells)."""
         from dataclasses import replace
 
         from tmequant.biomarkers.aggregate import counts_from_cells
@@ -237,7 +249,7 @@ class TileGrid:
         lymph, tumor, outside = counts_from_cells(self, cells, cell_role_map)
         meta = dict(self.metadata, n_cells=len(cells), n_cells_outside_tiles=int(outside))
         return replace(self, lymphocyte_counts=lymph, tumor_cell_counts=tumor,
-                       count_source="cell_table", metadata=meta)
+                       count_source=source, metadata=meta)
 
 
 def _check_cells_on_slide(cells: pd.DataFrame, meta: Mapping[str, Any]) -> None:
@@ -267,7 +279,8 @@ def _card_dict(card: Any, path: str, model_name: str) -> dict[str, Any]:
         except ValueError:
             card = None
     if not isinstance(card, dict) or "tissue_classes" not in card:
-        raise StoreError(f"predictions/{model_name} has no valid model card (attribute 'card')", path)
+        raise StoreError(f"predictions of {model_name!r} have no valid model card (attribute 'card')",
+                         path)
     return card
 
 

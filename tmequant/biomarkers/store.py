@@ -21,7 +21,7 @@ from tmequant.biomarkers.params import BiomarkerParams
 from tmequant.errors import StoreError
 
 if TYPE_CHECKING:
-    from tmequant.tiling.store import SlideStore
+    from tmequant.store import SlideStore
 
 log = logging.getLogger("tmequant")
 
@@ -37,7 +37,7 @@ def biomarkers_for_store(
 ) -> BiomarkerResult:
     """All biomarkers of one slide from its store (docs/biomarkers.md, docs/output-schema.md).
 
-    store: a :class:`~tmequant.tiling.store.SlideStore` or its path (local or fsspec URL).
+    store: a :class:`~tmequant.store.SlideStore` or its path (local or fsspec URL).
     model_name: the ``predictions/<model_name>`` group to read; None picks the store's only
     finished predictions (StoreError when there are none or several).
     cells: a cell table (DataFrame with ``x, y`` level-0 px and ``class``) or a path for
@@ -46,7 +46,7 @@ def biomarkers_for_store(
     nucleus_counts: use the nucleus counter's counts when they are the best source (False:
     ignore them, e.g. when the counter was switched off for this run).
     """
-    from tmequant.tiling.store import SlideStore
+    from tmequant.store import SlideStore
 
     st = store if isinstance(store, SlideStore) else SlideStore(store)
     if model_name is None:
@@ -58,13 +58,21 @@ def biomarkers_for_store(
         model_name = names[0]
     cell_path = None
     table: pd.DataFrame | None = None
+    source = "cell_table"
     if isinstance(cells, pd.DataFrame):
         table = cells
     elif cells is not None:
         cell_path = str(cells)
         table = read_cell_table(cells)
+    elif st.has_cells(model_name):
+        # A detector's own cells: counts and cell-resolution compartments, roles per its card.
+        table = st.read_cells(model_name)
+        source = "model_cells"
+        card_roles = dict(st.prediction_card(model_name).get("cell_roles") or {})
+        cell_role_map = {**card_roles, **(cell_role_map or {})}
     grid = TileGrid.from_store(st, model_name, nucleus_counts=nucleus_counts)
-    res = compute_biomarkers(grid, cells=table, params=params, cell_role_map=cell_role_map)
+    res = compute_biomarkers(grid, cells=table, params=params, cell_role_map=cell_role_map,
+                             cells_source=source)
     res.row["cell_table_path"] = cell_path
     log.debug("%s: biomarkers from predictions/%s (counts: %s)", st.path, model_name,
               res.row["count_source"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from tmequant.cli._app import app, fail, finish_batch
+from tmequant.models.registry import DEFAULT_MODEL
 
 
 def expand_stores(args: list[str]) -> list[str]:
@@ -39,6 +40,17 @@ def expand_stores(args: list[str]) -> list[str]:
     return [s for s in out if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
 
 
+def _is_phantom_store(path: str) -> bool:
+    """Whether the store was tiled from a tmequant phantom (no warning for a synthetic model)."""
+    from tmequant.domain import is_phantom_slide
+    from tmequant.tiling.store import SlideStore
+
+    try:
+        return is_phantom_slide(SlideStore(path).attrs.get("source_path"))
+    except Exception:  # noqa: BLE001 - a store that cannot be read fails later with its reason
+        return False
+
+
 def store_id(path: str) -> str:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     return name.removesuffix(".zarr")
@@ -47,13 +59,15 @@ def store_id(path: str) -> str:
 @app.command("predict")
 def predict_cmd(
     stores: list[str] = typer.Argument(..., help="Slide stores (*.zarr), folders of stores or globs."),
-    model: str = typer.Option(..., "--model", "-m",
-                              help="Model folder, registered name (`tmequant models list`) or hf-hub:org/name."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="Model folder, registered name (`tmequant models list`) or "
+                              "hf-hub:org/name (default: the bundled real-tissue cell detector, "
+                              f"{DEFAULT_MODEL}).", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
     batch_size: int | None = typer.Option(
         None, "--batch-size", "-b", help="Tiles per batch (default 32 on CPU, 256 on CUDA; halved on OOM)."),
     workers: int | None = typer.Option(
-        None, "--workers", "-j", help="DataLoader reader processes (default: 1 on CPU, up to 8 on CUDA)."),
+        None, "--workers", "-j", help="DataLoader reader processes (default: 1 on CPU, up to 8 on CUDA; 0 reads in this process)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (faster on GPU after warm-up)."),
     allow_mismatch: bool = typer.Option(
         False, "--allow-mismatch", help="Run even when the store's MPP or tile size differs from the model card."),
@@ -62,7 +76,8 @@ def predict_cmd(
     counter: str = typer.Option(
         "on", "--counter", help="Weight-free nucleus counter (lymphocyte counts per tile): on or off."),
     params_file: Path | None = typer.Option(
-        None, "--params", help="TOML/YAML parameters file; its [nucleus_counter] section is used."),
+        None, "--params", help="TOML/YAML parameters file; its [nucleus_counter] section is used "
+        "(default: the counter's documented defaults)."),
 ) -> None:
     """Predict tissue classes (and cell counts) for every tile of each store.
 
@@ -89,6 +104,9 @@ def predict_cmd(
     dev = resolve_device(device)  # InputError (exit 2) before any work
     paths = expand_stores(stores)
     loaded = load_model(model, device="cpu")  # moved to the device once, by the engine
+    warning = loaded.card.domain_warning
+    if warning and not all(_is_phantom_store(p) for p in paths):
+        typer.echo(f"WARNING: {warning}", err=True)
     def one(p: str):
         r = predict_store(p, loaded, device=dev, batch_size=batch_size, num_workers=workers,
                           compile=compile, allow_mismatch=allow_mismatch, overwrite=overwrite,

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from tmequant.cli._app import app, fail
+from tmequant.cli._app import (
+    MPP_OVERRIDE_ALL_HELP,
+    MPP_OVERRIDE_HELP,
+    app,
+    apply_mpp_override,
+    fail,
+)
+from tmequant.models.registry import DEFAULT_MODEL
 
 
 @app.command("run")
@@ -14,38 +21,45 @@ def run_cmd(
     slides: list[str] = typer.Argument(
         ..., help="Slide files, folders, glob patterns or a CSV manifest (slide_id,path[,mpp])."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (cohort tables, report, stores, per-slide results)."),
-    model: str = typer.Option(..., "--model", "-m",
-                              help="Model folder, registered name (`tmequant models list`) or hf-hub:org/name."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="Model folder, registered name (`tmequant models list`) or "
+                              "hf-hub:org/name (default: the bundled real-tissue cell detector, "
+                              f"{DEFAULT_MODEL}).", show_default=False),
     cells_dir: Path | None = typer.Option(
         None, "--cells-dir", help="Folder of cell tables <slide_id>.geojson|.geojson.gz|.csv|.parquet "
-        "(x, y in level-0 px, class); they replace model/counter counts for their slide."),
+        "(x, y in level-0 px, class); they replace model/counter counts for their slide "
+        "(default: none; counts from the model's count head or the nucleus counter)."),
     params: Path | None = typer.Option(
-        None, "--params", help="TOML/YAML parameters file with biomarkers, nucleus_counter and tiling sections."),
+        None, "--params", help="TOML/YAML parameters file with [biomarkers], [nucleus_counter], "
+        "[tiling] and [qc] sections (default: the documented defaults, docs/biomarkers.md)."),
     mpp: float | None = typer.Option(
         None, "--mpp", help="Target pixel size of the tiles, um/px (default: the model card's; 0.5 for the built-ins)."),
     tile_px: int | None = typer.Option(
         None, "--tile-px", help="Tile side in pixels at --mpp (default: the model card's; 224 for the built-ins)."),
-    mpp_override: float | None = typer.Option(
-        None, "--mpp-override", help="Level-0 pixel size, um/px, for slides whose file lacks it (or is wrong); "
-        "a manifest `mpp` column wins per slide. Range 0.05-20."),
+    mpp_override: float | None = typer.Option(None, "--mpp-override", help=MPP_OVERRIDE_HELP),
+    mpp_override_all: bool = typer.Option(False, "--mpp-override-all", help=MPP_OVERRIDE_ALL_HELP),
     counter: str = typer.Option(
         "on", "--counter", help="Nucleus counter (lymphocyte counts per tile) when the model has no count "
         "head and no cell table is given: on or off.", show_default=True),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b", help="Tiles per inference batch (default: 32 on CPU, 256 on CUDA; halved on out-of-memory)."),
+        None, "--batch-size", "-b", help="Tiles per inference batch (default: 32 on CPU, 256 on CUDA; "
+        "halved on out-of-memory)."),
     workers: int | None = typer.Option(
         None, "--workers", "-j", help="Reader threads per slide for tiling and counting (default: min(4, CPUs))."),
     scheduler: str | None = typer.Option(
         None, "--scheduler", help="Dask scheduler address (tcp://host:8786): slides run on its workers; "
-        "inference on workers started with --resources GPU=1 when there are any."),
+        "inference on workers started with --resources GPU=1 when there are any (default: none, "
+        "everything runs in this process)."),
     local_workers: int | None = typer.Option(
-        None, "--local-workers", help="Start a local Dask cluster of N worker processes for the slides."),
+        None, "--local-workers", help="Start a local Dask cluster of N worker processes for the slides "
+        "(default: none)."),
     wait: bool = typer.Option(
         False, "--wait", help="If another run holds --out, wait for it instead of stopping."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo every stage of every slide from scratch (needed when --out holds stores made with other parameters)."),
-    title: str | None = typer.Option(None, "--title", help="Title of the HTML report."),
+    title: str | None = typer.Option(None, "--title", help="Title of the HTML report "
+                                     "(default: 'tmequant cohort report (<model name>)')."),
 ) -> None:
     """Tile, predict, count and compute biomarkers for every slide, then the cohort report.
 
@@ -54,11 +68,13 @@ def run_cmd(
     One failing slide never stops the others: failures.csv names each with its stage and reason, and the exit code is 1 when any slide failed.
 
     Writes cohort.csv/.parquet, tls.csv/.parquet, report.html and figures/ in --out, the slide stores in stores/ and per-slide results with QuPath GeoJSON in results/.
+
+    A model trained on synthetic phantoms or untrained gives numbers that mean nothing on real tissue: run warns, and the report says so. Each slide's qc_flags column says what to check (thresholds: [qc] section).
     """
     from dataclasses import replace
 
     from tmequant.errors import InputError
-    from tmequant.inputs import expand_slides, parse_mpp
+    from tmequant.inputs import expand_slides
     from tmequant.params import (
         biomarker_params_from_file,
         dataclass_from_mapping,
@@ -66,12 +82,11 @@ def run_cmd(
         nucleus_counter_params_from_file,
     )
     from tmequant.pipeline import get_model, run_batch
+    from tmequant.report.qc import qc_params_from_file
     from tmequant.tiling.tile import TilingParams
 
     if counter not in ("on", "off"):
         fail(f"--counter {counter!r}: use on or off", 2)
-    if mpp_override is not None:
-        parse_mpp(str(mpp_override), "--mpp-override")
     for name, v, lo in (("--batch-size", batch_size, 1), ("--workers", workers, 1),
                         ("--local-workers", local_workers, 1)):
         if v is not None and v < lo:
@@ -84,8 +99,11 @@ def run_cmd(
     bp = biomarker_params_from_file(params)
     ncp = nucleus_counter_params_from_file(params) if counter == "on" else False
     sections = load_params_file(params) if params is not None else {}
-    specs = expand_slides(slides, mpp_override_um=mpp_override)
+    qc = qc_params_from_file(params)
+    if mpp_override is None and mpp_override_all:
+        fail("--mpp-override-all needs --mpp-override X", 2)
     card = get_model(model).card
+    specs = apply_mpp_override(expand_slides(slides), mpp_override, mpp_override_all)
     base = TilingParams(target_mpp_um=card.mpp_um, tile_px=card.tile_px)
     if "tiling" in sections:
         base = dataclass_from_mapping(TilingParams, sections["tiling"], params or "<params>", "tiling",
@@ -100,7 +118,7 @@ def run_cmd(
     res = run_batch(specs, out, model, tiling=tiling, params=bp, counter=ncp, cells_dir=cells_dir,
                     device=device, batch_size=batch_size, workers=workers, scheduler=scheduler,
                     local_workers=local_workers, overwrite=overwrite, wait=wait, progress=None,
-                    title=title)
+                    title=title, qc=qc)
     n_ok, n_bad = len(res.outcomes), len(res.failures)
     typer.echo(f"run: {n_ok} slides finished, {n_bad} failed in {res.seconds:.1f} s", err=True)
     for f in res.failures:

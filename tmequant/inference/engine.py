@@ -7,11 +7,12 @@ device (4x fewer bytes than float) and is normalised there, the network runs in
 ``channels_last`` under autocast (bf16 where the GPU supports it, else fp16; fp32 on the
 CPU), optionally compiled. An out-of-memory error halves the micro-batch and retries.
 
-Output is written chunk by chunk (``chunk_rows`` tiles at a time) and each chunk is marked done
-in ``predictions/<model_name>/chunk_done`` after its rows; a rerun after a kill redoes only
-the unfinished chunks. Batches never straddle a chunk, so the batch partition, and therefore
-every number on the CPU, is the same whether a run was interrupted or not. ``complete`` is
-written last (docs/store-layout.md).
+Output is written chunk by chunk (``chunk_rows`` tiles at a time) through
+:meth:`tmequant.store.SlideStore.write_prediction_chunk`, which flags each chunk done after its
+rows; a rerun after a kill redoes only the unfinished chunks. Batches never straddle a chunk,
+so the batch partition, and therefore every number on the CPU, is the same whether a run was
+interrupted or not. The group is marked complete last (docs/store-layout.md). The store is
+written under its lock (another process writing it: StoreLockedError).
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from tmequant._faults import checkpoint
 from tmequant.errors import InputError, StoreError
+from tmequant.inference.cell_store import run_detector_chunks
 from tmequant.models import LoadedModel, ModelCard, TmeNet, load_model
 from tmequant.models.stain import normalize_batch
 from tmequant.progress import ProgressBar
 from tmequant.provenance import package_version, params_hash
-from tmequant.tiling.store import SlideStore, clear_complete, is_complete, mark_complete, open_group
+from tmequant.store import IMAGES, SlideStore, StoreArray
 
 log = logging.getLogger("tmequant")
 
@@ -113,16 +114,14 @@ class TileRanges(Dataset):
                  stain: dict[str, Any] | None = None):
         self.store_path, self.ranges, self.pad_to = store_path, ranges, pad_to
         self.stain = stain  # the card's stain normalisation, applied here in the readers
-        self._images: zarr.Array | None = None
+        self._images: StoreArray | None = None
 
     def __len__(self) -> int:
         return len(self.ranges)
 
     def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor]:
         if self._images is None:
-            arr = open_group(self.store_path, "r")["tiles/images"]
-            assert isinstance(arr, zarr.Array)
-            self._images = arr
+            self._images = SlideStore(self.store_path).images
         start, stop = self.ranges[i]
         x = np.ascontiguousarray(self._images[start:stop])
         if self.stain is not None:  # per tile, as in training: same pixels, same numbers
@@ -214,55 +213,38 @@ def check_compatible(card: ModelCard, store: SlideStore, allow_mismatch: bool = 
 
 # --- the engine ----------------------------------------------------------------------------
 
-def _arr(g: zarr.Group, name: str) -> zarr.Array:
-    a = g[name]
-    assert isinstance(a, zarr.Array)
-    return a
-
-
 def _as_loaded(model: LoadedModel | TmeNet | str | os.PathLike[str]) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
-    if isinstance(model, TmeNet):
-        return LoadedModel(model=model, card=model.card, source="in-memory")
+    if isinstance(model, torch.nn.Module) and isinstance(getattr(model, "card", None), ModelCard):
+        return LoadedModel(model=model, card=model.card, source="in-memory")  # type: ignore[arg-type]
+    assert isinstance(model, (str, os.PathLike))
     return load_model(model)
 
 
 def _prepare_group(
-    root: zarr.Group, name: str, n: int, card: ModelCard, phash: str, attrs: dict[str, Any],
-    chunk_rows: int, overwrite: bool, store_path: str,
-) -> tuple[zarr.Group, bool, bool]:
-    """The output group, created or reused. Returns (group, already_complete, resumed)."""
-    preds = root.require_group("predictions")
+    st: SlideStore, name: str, n: int, card: ModelCard, phash: str, attrs: dict[str, Any],
+    chunk_rows: int, overwrite: bool,
+) -> tuple[bool, bool]:
+    """The output group, created or reused. Returns (already_complete, resumed)."""
     n_chunks = max(1, math.ceil(n / chunk_rows))
-    if name in preds:
-        g = preds[name]
-        assert isinstance(g, zarr.Group)
-        same = g.attrs.get("params_hash") == phash and g.attrs.get("chunk_rows") == chunk_rows \
-            and "chunk_done" in g and _arr(g, "chunk_done").shape == (n_chunks,)
+    state = st.prediction_state(name)
+    if state is not None:
+        same = state.params_hash == phash and state.chunk_rows == chunk_rows \
+            and state.n_chunks == n_chunks
         if same and not overwrite:
-            if is_complete(g):
-                return g, True, False
-            return g, False, bool(np.asarray(_arr(g, "chunk_done")[...]).any())
-        if is_complete(g) and not overwrite:
+            if state.complete:
+                return True, False
+            return False, bool(state.done.any())
+        if state.complete and not overwrite:
             raise StoreError(
-                f"predictions/{name} were made with other parameters (params_hash "
-                f"{g.attrs.get('params_hash')} != {phash}); pass --overwrite to redo them",
-                store_path,
-            )
-        clear_complete(g)
-        del preds[name]  # unfinished with other params, or --overwrite: start over
-    g = preds.create_group(name)
-    rows = min(chunk_rows, max(1, n))
-    g.create_array("tissue_probs", shape=(n, card.n_tissue), dtype="float16",
-                   chunks=(rows, card.n_tissue), fill_value=0)
-    if card.has_count_head:
-        g.create_array("cell_counts", shape=(n, card.n_cell), dtype="float32",
-                       chunks=(rows, card.n_cell), fill_value=0)
-    # One flag per output chunk, each its own object: a kill mid-write loses at most one.
-    g.create_array("chunk_done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0)
-    g.attrs.update({**attrs, "params_hash": phash, "chunk_rows": chunk_rows})
-    return g, False, False
+                f"predictions of {name!r} were made with other parameters (params_hash "
+                f"{state.params_hash} != {phash}); pass --overwrite to redo them", st.path)
+    # absent, unfinished with other params, or --overwrite: start over
+    st.create_predictions(name, n, chunk_rows=chunk_rows, params_hash=phash, attrs=attrs,
+                          n_tissue=card.n_tissue, n_cell=card.n_cell if card.has_count_head else 0,
+                          cell_classes=card.cell_classes if card.is_detector else None)
+    return False, False
 
 
 def predict_store(
@@ -298,7 +280,7 @@ def predict_store(
     n = store.n_tiles
     images = store.images
     if tuple(images.shape[:1]) != (n,) or images.ndim != 4 or images.shape[3] != 3:
-        raise StoreError(f"tiles/images has shape {images.shape}, expected ({n}, H, W, 3)", path)
+        raise StoreError(f"{IMAGES} has shape {images.shape}, expected ({n}, H, W, 3)", path)
     if chunk_rows < 1:
         raise InputError("chunk_rows must be >= 1")
     bs = batch_size or (CUDA_BATCH if dev.type == "cuda" else CPU_BATCH)
@@ -309,8 +291,8 @@ def predict_store(
     provenance = {
         "model": card.to_dict(),
         "weights_sha256_16": weights_digest(loaded.model),
-        "store_params_hash": store.attrs.get("params_hash"),
-        "store_fingerprint": store.attrs.get("source_fingerprint"),
+        "store_params_hash": store.params_hash,
+        "store_fingerprint": store.source_fingerprint,
         "n_tiles": n,
         "precision": _precision_name(amp),  # bf16 and fp32 results differ: never mixed
     }
@@ -326,62 +308,80 @@ def predict_store(
             card.mpp_um - store.target_mpp_um) > MPP_REL_TOL * card.mpp_um)),
         "package_version": package_version(),
     }
-    root = open_group(path, "r+")
-    g, done_already, resumed = _prepare_group(root, card.name, n, card, phash, attrs, chunk_rows,
-                                              overwrite, path)
+    with SlideStore.open(path, "r+") as st:  # the store's lock, held while we write
+        return _predict_locked(st, loaded, card, dev, amp, phash, attrs, n, bs, num_workers,
+                               compile, overwrite, progress, chunk_rows, max_chunks)
+
+
+def _predict_locked(
+    st: SlideStore, loaded: LoadedModel, card: ModelCard, dev: torch.device,
+    amp: torch.dtype | None, phash: str, attrs: dict[str, Any], n: int, bs: int,
+    num_workers: int | None, compile: bool, overwrite: bool, progress: bool | None,
+    chunk_rows: int, max_chunks: int | None,
+) -> PredictResult:
+    path = st.path
+    done_already, resumed = _prepare_group(st, card.name, n, card, phash, attrs, chunk_rows,
+                                           overwrite)
     result = PredictResult(path, card.name, n, 0.0, str(dev), resumed=resumed,
                            precision=_precision_name(amp), batch_size=bs)
     if done_already:
-        log.info("%s: predictions/%s already complete (params_hash %s); skipping",
+        log.info("%s: predictions of %s already complete (params_hash %s); skipping",
                  path, card.name, phash)
         result.skipped = True
         return result
 
-    done = np.asarray(_arr(g, "chunk_done")[...]).astype(bool)
+    state = st.prediction_state(card.name)
+    assert state is not None
+    done = state.done
     todo = [int(c) for c in np.flatnonzero(~done)] if n else []
     if max_chunks is not None:
         todo = todo[:max_chunks]
     if resumed:
-        log.info("%s: resuming predictions/%s, %d of %d chunks left", path, card.name,
+        log.info("%s: resuming predictions of %s, %d of %d chunks left", path, card.name,
                  len(todo), len(done))
 
     t0 = time.perf_counter()
-    n_done = _run_chunks(path, g, loaded, card, dev, todo, n, chunk_rows, bs, num_workers,
+    n_done = _run_chunks(st, loaded, card, dev, todo, n, chunk_rows, bs, num_workers,
                          compile, progress, result)
     dt = time.perf_counter() - t0
     result.n_computed = n_done
     result.tiles_per_s = n_done / dt if dt > 0 and n_done else 0.0
 
-    if bool(np.asarray(_arr(g, "chunk_done")[...]).all()) or n == 0:
-        mark_complete(g, card=card.to_dict(), params_hash=phash)
+    state = st.prediction_state(card.name)
+    if (state is not None and bool(state.done.all())) or n == 0:
+        st.mark_predictions_complete(card.name, card=card.to_dict(), params_hash=phash)
     return result
 
 
 def _run_chunks(
-    path: str, g: zarr.Group, loaded: LoadedModel, card: ModelCard, dev: torch.device,
+    st: SlideStore, loaded: LoadedModel, card: ModelCard, dev: torch.device,
     todo: list[int], n: int, chunk_rows: int, bs: int, num_workers: int | None,
     compile: bool, progress: bool | None, result: PredictResult,
 ) -> int:
     if not todo:
         return 0
+    if card.is_detector:  # heatmaps -> cells, each tile with its neighbours' borders
+        return run_detector_chunks(st, loaded.model, card, dev, todo, n, chunk_rows, bs,
+                                   progress, autocast_dtype(dev))
     if dev.type != "cuda":
-        return _loop(path, g, loaded, card, dev, todo, n, chunk_rows, bs, num_workers, compile,
+        return _loop(st, loaded, card, dev, todo, n, chunk_rows, bs, num_workers, compile,
                      progress, result)
     # Fixed input shapes: let cuDNN pick the fastest kernels (restored afterwards).
     old = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
-        return _loop(path, g, loaded, card, dev, todo, n, chunk_rows, bs, num_workers, compile,
+        return _loop(st, loaded, card, dev, todo, n, chunk_rows, bs, num_workers, compile,
                      progress, result)
     finally:
         torch.backends.cudnn.benchmark = old
 
 
 def _loop(
-    path: str, g: zarr.Group, loaded: LoadedModel, card: ModelCard, dev: torch.device,
+    st: SlideStore, loaded: LoadedModel, card: ModelCard, dev: torch.device,
     todo: list[int], n: int, chunk_rows: int, bs: int, num_workers: int | None,
     compile: bool, progress: bool | None, result: PredictResult,
 ) -> int:
+    path = st.path
     runner = _Runner(loaded.model, card, dev, compile)
     if num_workers is None:
         cpus = os.cpu_count() or 1
@@ -398,19 +398,17 @@ def _loop(
     )
     n_todo = sum(b - a for a, b in ranges)
     micro = bs
-    probs_arr, flags = _arr(g, "tissue_probs"), _arr(g, "chunk_done")
-    counts_arr = _arr(g, "cell_counts") if "cell_counts" in g else None
     buf: dict[str, list[torch.Tensor]] = {}
     pending: tuple[int, dict[str, list[torch.Tensor]]] | None = None
     cur_chunk, n_done = -1, 0
 
     def flush(chunk: int, res: dict[str, list[torch.Tensor]]) -> None:
-        a = chunk * chunk_rows
         probs = torch.cat(res["tissue_probs"]).cpu().numpy()
-        probs_arr[a:a + len(probs)] = probs.astype(np.float16)
-        if counts_arr is not None:
-            counts_arr[a:a + len(probs)] = torch.cat(res["cell_counts"]).cpu().numpy()
-        flags[chunk] = 1  # after the rows: a chunk is done only once it is on disk
+        counts = torch.cat(res["cell_counts"]).cpu().numpy() \
+            if card.has_count_head and "cell_counts" in res else None
+        # rows first, then the chunk's flag: a chunk is done only once it is on disk
+        st.write_prediction_chunk(card.name, chunk, tissue_probs=probs.astype(np.float16),
+                                  cell_counts=counts)
         checkpoint("predict_chunk")  # tests: a kill between chunks
 
     desc = f"predict {Path(path).name} [{card.name}]"

@@ -20,6 +20,7 @@ from torch import nn
 
 from tmequant.errors import ModelError
 from tmequant.models.card import ModelCard
+from tmequant.models.detector import build_detector
 
 log = logging.getLogger("tmequant")
 
@@ -110,6 +111,9 @@ def _load_pretrained_backbone(arch: str, backbone: nn.Module, pretrained: Pretra
         full = imagenet_efficientnet_lite0().state_dict()
         # num_classes=0 drops the classifier; everything else must be there.
         feats = {k: v for k, v in full.items() if not k.startswith("classifier.")}
+        if hasattr(backbone, "feature_info"):  # features_only: a truncated copy of the stages
+            own = backbone.state_dict()
+            feats = {k: v for k, v in feats.items() if k in own}
         missing, unexpected = backbone.load_state_dict(feats, strict=False)
         if missing or unexpected:
             raise ModelError(f"ImageNet weights do not fit efficientnet_lite0: missing {missing[:3]}, "
@@ -133,9 +137,16 @@ def _load_pretrained_backbone(arch: str, backbone: nn.Module, pretrained: Pretra
 def create_model(card: ModelCard, pretrained: Pretrained = False) -> TmeNet:
     """Build the network a card describes (random heads; backbone per ``pretrained``).
 
+    A tile classifier (:class:`TmeNet`) or, for a card with ``detector``, a cell detector
+    (:class:`tmequant.models.detector.CellDetectorNet`, same calling convention).
     ``pretrained``: False (random init), True (ImageNet where available, else a logged
     warning and random init), or ``"require"`` (ModelError when unavailable).
     """
+    if card.detector is not None:
+        det = build_detector(card, _timm_backbone)
+        if pretrained:
+            _load_pretrained_backbone(card.arch, det.backbone, pretrained)
+        return det  # type: ignore[return-value]  # same forward contract: a dict of tensors
     backbone = _timm_backbone(card.arch, pretrained=False, num_classes=0)
     if pretrained:
         _load_pretrained_backbone(card.arch, backbone, pretrained)

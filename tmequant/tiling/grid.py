@@ -37,23 +37,34 @@ def plan_grid(
     mask: np.ndarray,
     mask_downsample: float,
     min_tissue_fraction: float,
+    edge_tiles: bool = False,
 ) -> TilePlan:
-    """Tiles of side ``tile_level0_px`` on a grid anchored at (0, 0) that lie fully inside
-    level 0 and whose tissue fraction (from ``mask``, ``mask_downsample`` level-0 px per mask
-    px) is >= ``min_tissue_fraction``. Tile corners are ``round(col * tile_level0_px)``.
+    """Tiles of side ``tile_level0_px`` on a grid anchored at (0, 0) whose tissue fraction
+    (from ``mask``, ``mask_downsample`` level-0 px per mask px) is >= ``min_tissue_fraction``.
+    Tile corners are ``round(col * tile_level0_px)``.
+
+    Without ``edge_tiles`` only tiles fully inside level 0 are planned. With it, the partial
+    tiles at the right and bottom edges are planned too (they are read padded with glass):
+    their tissue fraction is of the whole tile (so tissue area = fraction x tile area stays
+    true) and they are kept when the tissue covers ``min_tissue_fraction`` of the part of
+    the tile that lies on the slide. Small images, TMA cores and biopsies are measured whole.
     """
     w0, h0 = level0_wh
     t = float(tile_level0_px)
     eps = 1e-6
-    n_cols = max(0, math.floor(w0 / t + eps))
-    n_rows = max(0, math.floor(h0 / t + eps))
+    rnd = math.ceil if edge_tiles else math.floor
+    n_cols = max(0, rnd(w0 / t - eps) if edge_tiles else rnd(w0 / t + eps))
+    n_rows = max(0, rnd(h0 / t - eps) if edge_tiles else rnd(h0 / t + eps))
     rr, cc = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
     rows, cols = rr.ravel(), cc.ravel()
     x = cols * t
     y = rows * t
     boxes = np.stack([x, y, x + t, y + t], axis=1) / mask_downsample
     frac = (tissue_fraction_of_boxes(mask, boxes) if rows.size else np.zeros(0, np.float32))
-    keep = frac >= min_tissue_fraction - 1e-7
+    # share of each tile on the slide (1 inside; less for partial edge tiles)
+    on_slide = (np.clip(w0 - x, 0, t) * np.clip(h0 - y, 0, t)) / (t * t)
+    frac = np.minimum(frac, on_slide).astype(np.float32)  # mask pixels reach past the edge
+    keep = (frac >= min_tissue_fraction * on_slide - 1e-7) & (on_slide > 0)
     coords = np.stack([np.round(x[keep]), np.round(y[keep])], axis=1).astype(np.int64).reshape(-1, 2)
     grid = np.stack([rows[keep], cols[keep]], axis=1).astype(np.int32).reshape(-1, 2)
     return TilePlan(coords, grid, frac[keep].astype(np.float32), n_rows, n_cols, t)

@@ -21,27 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from tmequant._faults import checkpoint
 from tmequant.errors import StoreError
 from tmequant.inputs import SlideSpec, slide_id_from_path, validate_slide_id
 from tmequant.progress import ProgressBar
 from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
+from tmequant.store import COMPRESSIONS, SlideStore, store_path, store_state
 from tmequant.tiling.grid import TilePlan, blocks, plan_grid
-from tmequant.tiling.store import (
-    STORE_SCHEMA_VERSION,
-    is_complete,
-    mark_complete,
-    store_path,
-)
 from tmequant.wsi.resample import read_resampled
 from tmequant.wsi.slide import Slide, open_slide
 from tmequant.wsi.tissue import TissueParams, detect_tissue, mask_shape
 
 log = logging.getLogger("tmequant")
-
-COMPRESSIONS = ("zstd", "zstd-1", "zstd-9", "blosc-lz4", "none")
 
 
 @dataclass(frozen=True)
@@ -56,6 +48,8 @@ class TilingParams:
     tiles_per_chunk: int = 4
     tiles_per_shard: int = 128
     block_tiles: int = 4  # regions of block_tiles x block_tiles tiles are read at once
+    # partial tiles at the right/bottom edge, padded with glass (grid.plan_grid)
+    edge_tiles: bool = True
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.target_mpp_um <= 20:
@@ -96,27 +90,6 @@ class TileResult:
         return self.n_tiles / t if t > 0 else 0.0
 
 
-def _codec(name: str) -> list[Any]:
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    if name == "none":
-        return []
-    if name == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")]
-    level = {"zstd": 3, "zstd-1": 1, "zstd-9": 9}[name]
-    return [ZstdCodec(level=level)]
-
-
-def _exists(path: str) -> bool:
-    if "://" in path:
-        try:
-            zarr.open_group(path, mode="r", zarr_format=3)
-            return True
-        except Exception:
-            return False
-    return Path(path).exists()
-
-
 def _qc_path(out_dir: str, slide_id: str) -> str:
     return f"{out_dir.rstrip('/')}/{slide_id}.qc.png"
 
@@ -137,7 +110,8 @@ def tile_slide(
     ``spec_or_path``: a SlideSpec (id, path, MPP override) or a slide path (id from its name).
     A finished store with the same parameters and slide is reused untouched; one made with
     other parameters raises StoreError unless ``overwrite``; an unfinished one is rebuilt.
-    ``out_dir`` may be an fsspec URL (``memory://...``).
+    ``out_dir`` may be an fsspec URL (``memory://...``). The store is written under its lock:
+    another process writing it makes this raise StoreLockedError.
     """
     t_start = time.perf_counter()
     if isinstance(spec_or_path, SlideSpec):
@@ -160,7 +134,7 @@ def tile_slide(
         tparams = to_jsonable(params)
         tparams["mpp_override_um"] = override
         phash = params_hash(tparams)
-        if _exists(spath):
+        if store_state(spath) != "missing":
             reused = _check_existing(spath, phash, fp, overwrite)
             if reused is not None:
                 return TileResult(spec.slide_id, spath, reused, True,
@@ -179,16 +153,15 @@ def tile_slide(
         assert mask.shape == mask_shape(info.dimensions, info.mpp_um, mask_mpp)
         mask_ds = mask_mpp / info.mpp_um
         tile_level0_px = params.tile_um / info.mpp_um
-        plan = plan_grid(info.dimensions, tile_level0_px, mask, mask_ds, params.min_tissue_fraction)
+        plan = plan_grid(info.dimensions, tile_level0_px, mask, mask_ds, params.min_tissue_fraction,
+                         edge_tiles=params.edge_tiles)
         read_level = slide.best_level_for_mpp(params.target_mpp_um)
         seconds["tissue"] = time.perf_counter() - t0
         if plan.n_tiles == 0:
             log.warning("%s: no tissue found (no tile with tissue fraction >= %g); "
                         "the store is empty", spec.slide_id, params.min_tissue_fraction)
         # --- store ----------------------------------------------------------------
-        root = zarr.open_group(spath, mode="w", zarr_format=3)
-        attrs = {
-            "schema_version": STORE_SCHEMA_VERSION,
+        header = {
             "slide_id": spec.slide_id,
             "source_path": info.path,
             "source_size_bytes": int(fp["size_bytes"]),
@@ -210,21 +183,19 @@ def tile_slide(
             "params_hash": phash,
             "package_version": package_version(),
         }
-        root.attrs.update(attrs)
-        _write_small(root, "tissue_mask", mask, {"downsample": float(mask_ds), "mpp_um": float(mask_mpp)})
-        _write_small(root, "thumbnail", thumb, {"mpp_um": float(mask_mpp)})
-        tiles = root.create_group("tiles")
-        _write_small(tiles, "coords", plan.coords, {"unit": "level-0 px", "columns": ["x", "y"]})
-        _write_small(tiles, "grid", plan.grid, {"columns": ["row", "col"]})
-        _write_small(tiles, "tissue_fraction", plan.tissue_fraction, {})
-        t0 = time.perf_counter()
-        _write_tiles(slide, read_level, plan, params, tiles, workers, spec.slide_id, progress)
-        seconds["tiles"] = time.perf_counter() - t0
-        qc = None
-        if qc_png:
-            qc = _qc_path(out, spec.slide_id)
-            write_qc_png(qc, thumb, mask, plan, mask_ds)
-        mark_complete(root, n_tiles=int(plan.n_tiles))
+        # the lock first, then the old store goes: no other writer is inside it
+        with SlideStore.open(spath, "w") as st:
+            st.write_header(**header)
+            st.write_tissue(mask, thumb, downsample=mask_ds, mask_mpp_um=mask_mpp)
+            st.write_tile_grid(plan.coords, plan.grid, plan.tissue_fraction)
+            t0 = time.perf_counter()
+            _write_tiles(slide, read_level, plan, params, st, workers, spec.slide_id, progress)
+            seconds["tiles"] = time.perf_counter() - t0
+            qc = None
+            if qc_png:
+                qc = _qc_path(out, spec.slide_id)
+                write_qc_png(qc, thumb, mask, plan, mask_ds)
+            st.mark_complete(n_tiles=int(plan.n_tiles))
     seconds["total"] = time.perf_counter() - t_start
     res = TileResult(spec.slide_id, spath, plan.n_tiles, False, qc, info.mpp_um, info.mpp_source,
                      read_level, seconds)
@@ -235,73 +206,73 @@ def tile_slide(
 
 def _check_existing(spath: str, phash: str, fp: dict[str, Any], overwrite: bool) -> int | None:
     """n_tiles of a reusable finished store, None when it must be (re)built; raises on mismatch."""
-    if "://" not in spath and not (Path(spath) / "zarr.json").exists():
+    state = store_state(spath)
+    if state == "foreign":
         if overwrite:
             return None
         raise StoreError("exists but is not a zarr slide store; move it away or use --overwrite", spath)
-    try:
-        root = zarr.open_group(spath, mode="r", zarr_format=3)
-    except Exception:
+    if state == "unreadable":
         if overwrite:
             return None
-        raise StoreError("exists but cannot be opened as a slide store; use --overwrite", spath) from None
-    if not is_complete(root):
-        log.info("%s: unfinished store (interrupted run); rebuilding it", spath)
+        raise StoreError("exists but cannot be opened as a slide store; use --overwrite", spath)
+    if state in ("missing", "unfinished"):
+        if state == "unfinished":
+            log.info("%s: unfinished store (interrupted run); rebuilding it", spath)
         return None
     if overwrite:
         return None
-    old = root.attrs.get("params_hash")
+    st = SlideStore(spath, require_complete=False)
+    old = st.params_hash
     if old != phash:
         raise StoreError(
             f"store was made with other tiling parameters (params_hash {old} != {phash}); "
             "use --overwrite to rebuild it or choose another --out", spath)
-    if root.attrs.get("source_fingerprint") != fp["sha256_head_tail"]:
+    if st.source_fingerprint != fp["sha256_head_tail"]:
         raise StoreError("the slide file changed since this store was made; use --overwrite", spath)
     log.info("%s: finished store with the same parameters; nothing to do", spath)
-    n = root.attrs.get("n_tiles", 0)
+    n = st.attrs.get("n_tiles", 0)
     return int(n) if isinstance(n, (int, float)) else 0
 
 
-def _write_small(group: zarr.Group, name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
-    data = np.ascontiguousarray(data)
-    if data.ndim == 3 and data.shape[2] == 3:
-        chunks: tuple[int, ...] = (min(max(data.shape[0], 1), 1024), min(max(data.shape[1], 1), 1024), 3)
-    else:
-        chunks = tuple(max(1, min(s, 1 << 20)) for s in data.shape)
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                             compressors=_codec("zstd"), fill_value=0)
-    if data.size:
-        arr[...] = data
-    if attrs:
-        arr.attrs.update(attrs)
-
-
 def _read_block(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_px: int) -> np.ndarray:
-    """Tiles ``idx`` of the plan read as one region: (len(idx), tile_px, tile_px, 3) uint8."""
-    g = plan.grid[idx]
-    r0, c0 = int(g[:, 0].min()), int(g[:, 1].min())
-    r1, c1 = int(g[:, 0].max()) + 1, int(g[:, 1].max()) + 1
+    """Tiles ``idx`` of the plan read as one region: (len(idx), tile_px, tile_px, 3) uint8.
+
+    Partial edge tiles (``TilingParams.edge_tiles``) are read one by one, the part on the
+    slide resampled at the grid's scale and glass (255) beyond it; the whole tiles of the
+    block are read as one region exactly as without edge tiles.
+    """
     t = plan.tile_level0_px
-    region = read_resampled(slide, level, (c0 * t, r0 * t, c1 * t, r1 * t),
-                            ((c1 - c0) * tile_px, (r1 - r0) * tile_px))
+    w0, h0 = slide.info.dimensions
+    g = plan.grid[idx]
+    whole = ((g[:, 1] + 1) * t <= w0 + 1e-6) & ((g[:, 0] + 1) * t <= h0 + 1e-6)
     out = np.empty((len(idx), tile_px, tile_px, 3), np.uint8)
-    for k, (r, c) in enumerate(g):
-        y, x = (int(r) - r0) * tile_px, (int(c) - c0) * tile_px
-        out[k] = region[y : y + tile_px, x : x + tile_px]
+    if whole.any():
+        gw = g[whole]
+        r0, c0 = int(gw[:, 0].min()), int(gw[:, 1].min())
+        r1, c1 = int(gw[:, 0].max()) + 1, int(gw[:, 1].max()) + 1
+        region = read_resampled(slide, level, (c0 * t, r0 * t, c1 * t, r1 * t),
+                                ((c1 - c0) * tile_px, (r1 - r0) * tile_px))
+        for k in np.flatnonzero(whole):
+            r, c = g[k]
+            y, x = (int(r) - r0) * tile_px, (int(c) - c0) * tile_px
+            out[k] = region[y : y + tile_px, x : x + tile_px]
+    for k in np.flatnonzero(~whole):
+        r, c = (int(v) for v in g[k])
+        x0, y0 = c * t, r * t
+        x1, y1 = min(x0 + t, float(w0)), min(y0 + t, float(h0))
+        out[k] = 255
+        ow, oh = round((x1 - x0) / t * tile_px), round((y1 - y0) / t * tile_px)
+        if ow > 0 and oh > 0:
+            out[k, :oh, :ow] = read_resampled(slide, level, (x0, y0, x1, y1), (ow, oh))
     return out
 
 
-def _write_tiles(slide: Slide, level: int, plan: TilePlan, params: TilingParams, group: zarr.Group,
+def _write_tiles(slide: Slide, level: int, plan: TilePlan, params: TilingParams, st: SlideStore,
                  workers: int, desc: str, progress: bool | None) -> None:
     n, tp = plan.n_tiles, params.tile_px
     shard = params.tiles_per_shard
-    arr = group.create_array(
-        "images", shape=(n, tp, tp, 3), dtype=np.uint8,
-        chunks=(params.tiles_per_chunk, tp, tp, 3), shards=(shard, tp, tp, 3),
-        compressors=_codec(params.compression), fill_value=0,
-        dimension_names=["tile", "y", "x", "channel"],
-    )
-    arr.attrs.update({"mpp_um": float(params.target_mpp_um), "color": "RGB"})
+    st.create_images(n, tp, tiles_per_chunk=params.tiles_per_chunk, tiles_per_shard=shard,
+                     compression=params.compression, mpp_um=params.target_mpp_um)
     if n == 0:
         return
     n_shards = math.ceil(n / shard)
@@ -341,7 +312,7 @@ def _write_tiles(slide: Slide, level: int, plan: TilePlan, params: TilingParams,
             while next_shard < n_shards and done[next_shard] == need[next_shard]:
                 a = next_shard * shard
                 b = a + int(need[next_shard])
-                arr[a:b] = np.stack([staged.pop(i) for i in range(a, b)])
+                st.write_tiles(a, np.stack([staged.pop(i) for i in range(a, b)]))
                 next_shard += 1
                 checkpoint("tile_shard")  # tests: a kill between shards
     assert next_shard == n_shards and not staged

@@ -432,16 +432,17 @@ def _split_features(features, source: str):
             regions.append((g, f.classification))
             continue
         if g.geom_type in ("Point", "MultiPoint") or f.object_type in ("detection", "cell"):
-            if f.classification is None:
-                n_unclassified_pts += 1
-                continue
             geoms = getattr(g, "geoms", [g]) if g.geom_type == "MultiPoint" else [g]
+            if f.classification is None:
+                n_unclassified_pts += len(geoms)  # points, not features (a MultiPoint holds many)
+                continue
             for p in geoms:
                 c = p.centroid
                 pts.append((c.x, c.y))
                 names.append(f.classification)
     if n_unclassified_pts:
-        log.warning("%s: %d unclassified points/detections ignored", source, n_unclassified_pts)
+        log.warning("%s: %d points/detections without a classification ignored", source,
+                    n_unclassified_pts)
     return regions, np.asarray(pts, dtype=np.float64).reshape(-1, 2), names
 
 
