@@ -53,3 +53,15 @@ def _restore_tmequant_logging():
     yield
     logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
     progress.set_progress_enabled(saved[3])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never read or write the user's phantom cache (~/.cache/tmequant)."""
+    old = os.environ.get("TMEQUANT_CACHE_DIR")
+    os.environ["TMEQUANT_CACHE_DIR"] = str(tmp_path_factory.mktemp("tmequant-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TMEQUANT_CACHE_DIR", None)
+    else:
+        os.environ["TMEQUANT_CACHE_DIR"] = old

@@ -135,3 +135,14 @@ def test_slide_qc_flags_on_plain_rows():
     assert codes == ["lymphocyte_density", "no_tumour", "few_tiles"]
     synthetic = slide_qc_flags(ok, card={"name": "phantom-demo", "domain": "synthetic"})
     assert [c for c, _ in synthetic] == ["model_domain"]
+
+
+def test_detector_cells_count_as_nuclei_for_the_density_flag():
+    row = {"tissue_area_mm2": 9.97, "tumor_area_mm2": 2.0, "lymphocytes_total": 2000.0,
+           "n_tiles": 833, "mpp_source": "vendor", "count_source": "model_cells"}
+    # 419 cells on 9.97 mm^2 (42 / mm^2): the detector missed the tissue's cells
+    codes = [c for c, _ in slide_qc_flags(dict(row, n_cells=419))]
+    assert codes == ["nuclei_density"]
+    assert slide_qc_flags(dict(row, n_cells=40000)) == []
+    # a user's cell table is not a nucleus census: no density flag from it
+    assert slide_qc_flags(dict(row, n_cells=419, count_source="cell_table")) == []

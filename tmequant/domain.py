@@ -18,6 +18,9 @@ DOMAIN_UNKNOWN = "unknown"
 DOMAIN_SYNTHETIC = "synthetic"
 DOMAIN_UNTRAINED = "untrained"
 NOT_FOR_REAL_TISSUE = (DOMAIN_SYNTHETIC, DOMAIN_UNTRAINED)
+# The model `run` and `predict` use when none is named: the bundled real-tissue cell detector
+# (here, not in tmequant.models, so the CLI can name it without importing torch).
+DEFAULT_MODEL = "brca-cells-lite0"
 
 
 def domain_label(domain: Any) -> str:

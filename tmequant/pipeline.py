@@ -65,7 +65,7 @@ import pandas as pd
 from tmequant._faults import checkpoint
 from tmequant.batch import Failure, one_line_reason
 from tmequant.biomarkers import BiomarkerParams
-from tmequant.domain import is_phantom_slide
+from tmequant.domain import DEFAULT_MODEL, is_phantom_slide
 from tmequant.errors import InputError, TmequantError
 from tmequant.inputs import SlideSpec, expand_slides
 from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
@@ -467,12 +467,6 @@ def _reader_processes(n_tiles: int) -> int | None:
 _COUNTER_WARNED: set[str] = set()
 
 
-def _default_model() -> str:
-    from tmequant.models.registry import DEFAULT_MODEL  # lazy: keeps torch out of import
-
-    return DEFAULT_MODEL
-
-
 def _counter_needed(run: SlideRun, cfg: RunConfig, has_count_head: bool) -> bool:
     """The counter runs only where its counts are used: no cell table and no count head."""
     return (cfg.counter is not None and getattr(cfg.counter, "enabled", True)
@@ -496,7 +490,7 @@ def _do_count(run: SlideRun, cfg: RunConfig, has_count_head: bool) -> None:
         log.warning("lymphocyte counts come from the weight-free nucleus counter, which finds "
                     "about 1 in 6 human-labelled lymphocytes on real H&E (BRCA-M2C: F1 0.26); "
                     "for counts to trust use a cell detector (the default model, %s) or a cell "
-                    "table (--cells-dir)", _default_model())
+                    "table (--cells-dir)", DEFAULT_MODEL)
     res = count_store(run.store_path, cfg.counter, workers=cfg.workers, overwrite=cfg.overwrite,
                       progress=False)
     run.stages["count"] = "done" if res.computed else "skipped"

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from tmequant.cli._app import app, fail, finish_batch
-from tmequant.models.registry import DEFAULT_MODEL
+from tmequant.domain import DEFAULT_MODEL
 
 
 def expand_stores(args: list[str]) -> list[str]:

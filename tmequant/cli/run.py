@@ -13,7 +13,7 @@ from tmequant.cli._app import (
     apply_mpp_override,
     fail,
 )
-from tmequant.models.registry import DEFAULT_MODEL
+from tmequant.domain import DEFAULT_MODEL
 
 
 @app.command("run")

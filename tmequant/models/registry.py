@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
+from tmequant.domain import DEFAULT_MODEL as _DEFAULT_MODEL
 from tmequant.errors import ModelError
 from tmequant.models.card import CARD_FILE, ModelCard
 from tmequant.models.factory import create_model
 from tmequant.roles import CELL_ROLES, TISSUE_ROLES
 
 RANDOM_PREFIX = "random-"
-# The model `run` and `predict` use when none is named: the bundled real-tissue cell detector.
-DEFAULT_MODEL = "brca-cells-lite0"
+DEFAULT_MODEL = _DEFAULT_MODEL  # re-exported: tmequant.domain holds it, torch-free
 LISTED_RANDOM = ("random-efficientnet_lite0",)
 RANDOM_SEED = 0
 

@@ -7,7 +7,8 @@ docs/biomarkers.md lists them with their reasons.
 
 Codes:
   ``model_domain``       the model was trained on synthetic phantoms or is untrained
-  ``nuclei_density``     nuclei per mm^2 of tissue outside [min, max] (nucleus counter)
+  ``nuclei_density``     nuclei per mm^2 of tissue outside [min, max] (nucleus counter, or a
+                         detector's cells)
   ``lymphocyte_density`` lymphocytes per mm^2 of tissue outside [min, max]
   ``no_tumour``          tumour area below ``min_tumor_area_mm2`` or no tumour bulk: the model
                          calls the slide carcinoma-free, so every tumour-compartment biomarker
@@ -113,8 +114,13 @@ def slide_qc_flags(row: dict[str, Any], store: Any = None, card: dict[str, Any] 
     tissue = _num(row.get("tissue_area_mm2"))
     if tissue is not None and tissue >= p.min_tissue_mm2_for_density:
         nuc = _safe(lambda: store.nuclei_counts()) if store is not None else None
+        n_nuclei: float | None = None
         if nuc is not None and len(nuc):
-            n = float(np.nansum(np.asarray(nuc, dtype=np.float64)))
+            n_nuclei = float(np.nansum(np.asarray(nuc, dtype=np.float64)))
+        elif row.get("count_source") == "model_cells" and _num(row.get("n_cells")) is not None:
+            n_nuclei = _num(row.get("n_cells"))  # a detector's cells are its nuclei
+        if n_nuclei is not None:
+            n = n_nuclei
             d = n / tissue
             if not p.min_nuclei_per_mm2 <= d <= p.max_nuclei_per_mm2:
                 add("nuclei_density", (
