@@ -65,3 +65,21 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("TMEQUANT_CACHE_DIR", None)
     else:
         os.environ["TMEQUANT_CACHE_DIR"] = old
+
+
+def pytest_collection_modifyitems(config, items):
+    """``TMEQUANT_TEST_SHUFFLE=<seed>`` runs the suite in a seeded random order: the modules
+    shuffled, and the tests inside each (as pytest-randomly does, so module-scoped fixtures
+    are built once). The suite must pass in any order; this checks it without a plugin."""
+    seed = os.environ.get("TMEQUANT_TEST_SHUFFLE")
+    if not seed:
+        return
+    import random
+
+    rng = random.Random(int(seed))
+    by_module: dict[str, list] = {}
+    for it in items:
+        by_module.setdefault(it.nodeid.split("::")[0], []).append(it)
+    modules = list(by_module)
+    rng.shuffle(modules)
+    items[:] = [it for m in modules for it in rng.sample(by_module[m], len(by_module[m]))]
