@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,9 @@ def test_serial_run_outputs_and_bad_slide(serial, inputs):
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages(serial, inputs):
-    out, _ = serial
+def test_rerun_skips_finished_stages(serial, inputs, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(serial[0], out)  # the shared folder stays as the first run left it
     before = (out / "cohort.csv").read_bytes()
     geo = (out / "results" / "S1" / "S1.geojson.zip").read_bytes()
     pngs = sorted((out / "figures").rglob("*.png"))
@@ -101,8 +103,9 @@ def test_rerun_skips_finished_stages(serial, inputs):
 
 
 @pytest.mark.slow
-def test_resume_redoes_only_unfinished_stages(serial, inputs):
-    out, _ = serial
+def test_resume_redoes_only_unfinished_stages(serial, inputs, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(serial[0], out)  # the shared folder stays as the first run left it
     import zarr
 
     before = pd.read_csv(out / "cohort.csv")
