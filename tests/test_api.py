@@ -255,12 +255,14 @@ def test_memory_store_chain(tmp_path, monkeypatch, memory_root, capfd):
 
     monkeypatch.chdir(tmp_path)  # anything written locally by mistake would land here
     slide = make_slide(tmp_path / "s1.svs")
-    # Log records are not prints: with no handler anywhere, Python's last-resort handler
-    # would write them to stderr (whether one is due depends on what ran before). A
-    # NullHandler (removed after the test by conftest) keeps this test about prints only.
+    # Log records are not prints: a CLI test (or, with no handler anywhere, Python's
+    # last-resort handler) would write them to stderr, depending on what ran before. Only a
+    # NullHandler here (conftest restores the logger after the test): this test is about prints.
     import logging
 
-    logging.getLogger("tmequant").addHandler(logging.NullHandler())
+    tq_log = logging.getLogger("tmequant")
+    tq_log.handlers[:] = [logging.NullHandler()]
+    tq_log.propagate = False
     capfd.readouterr()
     tiled = tq.tile_slide(slide, f"{memory_root}/out", tq.TilingParams(**TILING), progress=False)
     assert tiled.store_path == f"{memory_root}/out/s1.zarr" and tiled.n_tiles > 4
