@@ -32,6 +32,11 @@ NOTICE = ("Trained on BRCA-M2C (c) 2022 TopoXLab, BSD 3-Clause licence; the noti
           "with these weights. Cite: " + CITATION)
 
 
+NOTICE_HEAD = ("The weights in this folder (brca-cells-lite0) were trained on the BRCA-M2C data "
+               "set, which is distributed under the following licence.\n" + "Cite: " + CITATION
+               + "\n\n")
+
+
 def recipe(data: Path, out: Path, epochs: int, seed: int, val_images: list[str] | None = None,
            threads: int | None = None, extra: dict | None = None) -> CellTrainConfig:
     """The bundled model's training recipe (also used by the cross-validation benchmark)."""
@@ -73,7 +78,8 @@ def main() -> None:
             shutil.copy2(work / f, a.out / f)
         lic = a.data / "LICENSE"
         if lic.exists():
-            (a.out / "LICENSE-BRCA-M2C").write_bytes(lic.read_bytes())
+            # BSD-3: the data's copyright notice and terms travel with weights derived from it
+            (a.out / "NOTICE").write_text(NOTICE_HEAD + lic.read_text(encoding="utf-8"), encoding="utf-8")
     # The card names the data, not this machine's temporary paths.
     card = ModelCard.load(a.out)
     card.training = {**card.training, "data": "BRCA-M2C: 80 train-split patches (fit), 10 "

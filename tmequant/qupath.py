@@ -140,12 +140,7 @@ def parse_features(obj: Any, source: str | Path = "<geojson>") -> list[Feature]:
         raise CellTableError("FeatureCollection has no 'features' list", source)
     out: list[Feature] = []
     for i, f in enumerate(raw):
-        if not isinstance(f, dict) or not isinstance(f.get("geometry"), dict):
-            raise CellTableError(f"feature {i} has no geometry object", source)
-        props = f.get("properties") or {}
-        if not isinstance(props, dict):
-            raise CellTableError(f"feature {i}: 'properties' is not an object", source)
-        gj = props.get("nucleusGeometry") if isinstance(props.get("nucleusGeometry"), dict) else f["geometry"]
+        gj, props = feature_parts(f, i, source)
         try:
             geom = shape(gj)
         except Exception as e:  # noqa: BLE001 - shapely raises several types for bad coordinates
@@ -156,6 +151,18 @@ def parse_features(obj: Any, source: str | Path = "<geojson>") -> list[Feature]:
             measurements=_measurements(props), name=props.get("name"), id=f.get("id"),
         ))
     return out
+
+
+def feature_parts(f: Any, i: int, source: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(geometry to use, properties) of feature ``i``: the nucleus geometry of a QuPath cell
+    where there is one, else the feature's own; CellTableError naming ``source`` otherwise."""
+    if not isinstance(f, dict) or not isinstance(f.get("geometry"), dict):
+        raise CellTableError(f"feature {i} has no geometry object", source)
+    props = f.get("properties") or {}
+    if not isinstance(props, dict):
+        raise CellTableError(f"feature {i}: 'properties' is not an object", source)
+    nucleus = props.get("nucleusGeometry")
+    return (nucleus if isinstance(nucleus, dict) else f["geometry"]), props
 
 
 def read_features(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> list[Feature]:

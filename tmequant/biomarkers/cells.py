@@ -172,7 +172,7 @@ def _read_geojson(p: Path, max_bytes: int) -> pd.DataFrame:
     import shapely
     from shapely.geometry import shape
 
-    from tmequant.qupath import _classification_name, iter_text
+    from tmequant.qupath import _classification_name, feature_parts, iter_text
 
     dec = json.JSONDecoder()
     chunks = iter_text(p, max_bytes)
@@ -251,12 +251,7 @@ def _read_geojson(p: Path, max_bytes: int) -> pd.DataFrame:
             except RecursionError:
                 raise CellTableError("GeoJSON geometry is nested too deeply", p) from None
         pos = end
-        if not isinstance(f, dict) or not isinstance(f.get("geometry"), dict):
-            raise CellTableError(f"feature {n} has no geometry object", p)
-        props = f.get("properties") or {}
-        if not isinstance(props, dict):
-            raise CellTableError(f"feature {n}: 'properties' is not an object", p)
-        gj = props.get("nucleusGeometry") if isinstance(props.get("nucleusGeometry"), dict) else f["geometry"]
+        gj, props = feature_parts(f, n, p)
         xy = _fast_centroid(gj)
         if xy is not None:
             xs.append(xy[0])

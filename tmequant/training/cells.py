@@ -31,7 +31,7 @@ from tmequant.models.detector import find_peaks
 from tmequant.roles import cell_role
 from tmequant.training.augment import AugmentConfig, augment, dihedral
 from tmequant.training.dataset import IMAGENET_MEAN, IMAGENET_STD, read_image
-from tmequant.training.metrics import detection_metrics, match_points
+from tmequant.training.metrics import detection_metrics
 from tmequant.training.points import PointSet, heatmap_targets, load_points, region_mask
 from tmequant.training.trainer import lr_factor, seed_everything
 from tmequant.wsi import open_slide, read_resampled
@@ -246,10 +246,12 @@ def evaluate_images(net: torch.nn.Module, card: ModelCard, images: list[_Img], d
     if tune:
         for k, cname in enumerate(card.cell_classes):
             best = (-1.0, thr[cname])
+            # class k alone, relabelled 0, so each threshold costs one class's matching
+            tr = [(txy[tc == k], np.zeros(int((tc == k).sum()), np.int64)) for txy, tc in truths]
             for t in THRESHOLD_GRID:
-                preds = [(xy[(c == k) & (sc >= t)], c[(c == k) & (sc >= t)]) for xy, c, sc in raw]
-                tr = [(txy[tc == k], tc[tc == k]) for txy, tc in truths]
-                f1 = _f1_one(preds, tr, radius)
+                preds = [(xy[(c == k) & (sc >= t)], np.zeros(int(((c == k) & (sc >= t)).sum()), np.int64))
+                         for xy, c, sc in raw]
+                f1 = detection_metrics(preds, tr, [cname], radius)[cname]["f1"]
                 if f1 > best[0]:
                     best = (f1, float(t))
             thr[cname] = best[1]
@@ -258,15 +260,6 @@ def evaluate_images(net: torch.nn.Module, card: ModelCard, images: list[_Img], d
     m = detection_metrics(preds, truths, card.cell_classes, radius)
     m["match_um"] = match_um
     return m, thr
-
-
-def _f1_one(preds: list[tuple[np.ndarray, np.ndarray]], truths: list[tuple[np.ndarray, np.ndarray]],
-            radius: float) -> float:
-    tp = fp = fn = 0
-    for (pxy, _), (txy, _) in zip(preds, truths):
-        a, _ = match_points(pxy, txy, radius)
-        tp, fp, fn = tp + len(a), fp + len(pxy) - len(a), fn + len(txy) - len(a)
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
 def _select_value(metric: str, m: dict[str, Any], card: ModelCard) -> float:
