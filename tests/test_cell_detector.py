@@ -133,6 +133,10 @@ def test_tissue_from_cells_shares_and_paucicellular():
     p = tissue_from_cells(counts, ["lymphocyte", "tumor_cell", "other"], area, spec)
     assert p.argmax(axis=1).tolist() == [0, 2, 3]
     assert np.allclose(p.sum(axis=1), 1.0, atol=1e-6)
+    # equal tumour and stromal counts never tie (a tie leaves a tile without a role)
+    even = tissue_from_cells(np.array([[0, 10, 10]], np.float32), ["lymphocyte", "tumor_cell", "other"],
+                             area[:1], spec)
+    assert even[0, 1] > even[0, 0]
 
 
 # --- the detector over a store --------------------------------------------------------------

@@ -156,10 +156,12 @@ def tissue_from_cells(counts: np.ndarray, roles: list[str], area_um2: np.ndarray
     lym_dens = lym / area_mm2
     # smooth step from 0 to 1 over +/- 25% around the immune threshold
     w_imm = 1.0 / (1.0 + np.exp(-(lym_dens - spec.immune_per_mm2) / (0.25 * spec.immune_per_mm2)))
-    safe = np.maximum(total, 1e-9)
+    # A tenth of a cell in favour of stroma: equal counts (1 tumour and 1 stromal cell) are
+    # not a tie, which the biomarkers would leave without a role; stroma is the cautious call.
+    safe = total + 0.1
     p_t = tum / safe
     p_i = lym * w_imm / safe
-    p_s = (oth + lym * (1.0 - w_imm)) / safe
+    p_s = (oth + lym * (1.0 - w_imm) + 0.1) / safe
     cellular = 1.0 / (1.0 + np.exp(-(dens - spec.paucicellular_per_mm2)
                                    / (0.25 * spec.paucicellular_per_mm2)))
     out[:, 0] = p_t * cellular
