@@ -111,7 +111,7 @@ def test_cli_verbs_call_the_public_functions():
     """Each verb is a thin wrapper: its body calls the matching public function."""
     from tmequant.cli import app
 
-    expected = {"tile": "tile_slide", "predict": "predict_store", "biomarkers": "biomarkers_for_store",
+    expected = {"tile": "tile_slide", "predict": "predict_store", "biomarkers": "write_biomarker_tables",
                 "run": "run_batch", "train": "train", "evaluate": "evaluate", "demo": "run_demo",
                 "models list": "list_models", "models show": "get_card",
                 "models import": "import_state_dict"}

@@ -62,6 +62,7 @@ def _outcome(slide_id: str, n_tls: int, seed: int) -> SlideOutcome:
         slide_mpp_um=mpp, tile_level0_px=l0,
         predictions=lambda name: _Group(attrs, tissue_probs=probs),
         tissue_probs=lambda name: probs,  # SlideStore.tissue_probs
+        prediction_card=lambda name: attrs["card"],  # SlideStore.prediction_card
     )
     return SlideOutcome(store=store, model_name="m", result=result)
 
@@ -102,7 +103,7 @@ def test_large_cohort_gets_one_page_per_slide(outcomes, tmp_path):
 
 def test_a_picture_failure_does_not_fail_the_cohort(outcomes, tmp_path):
     bad = _outcome("z-slide", 0, 2)
-    bad.store.predictions = lambda name: (_ for _ in ()).throw(KeyError("no predictions"))
+    bad.store.prediction_card = lambda name: (_ for _ in ()).throw(KeyError("no predictions"))
     out = write_cohort_report(tmp_path, [*outcomes, bad], [])
     assert out.figures["z-slide"] == {}
     assert "pictures not drawn: KeyError" in out.report_html.read_text()

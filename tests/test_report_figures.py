@@ -203,6 +203,7 @@ def test_slide_figures_adapter_from_a_biomarker_result(tmp_path):
         grid=rc.astype(np.int32), slide_id="s<1>", mask_downsample=ds, slide_mpp_um=0.5,
         tile_level0_px=224.0, predictions=lambda name: _Group(attrs, tissue_probs=probs),
         tissue_probs=lambda name: probs,  # SlideStore.tissue_probs
+        prediction_card=lambda name: attrs["card"],  # SlideStore.prediction_card
     )
     figs = slide_figures(store, "m", res, tmp_path)
     assert list(figs) == list(FIGURES)

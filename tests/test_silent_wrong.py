@@ -448,33 +448,33 @@ def test_full_disk_at_report_is_recorded_in_failures_csv(tmp_path: Path, monkeyp
     """On a full disk the rewrite of failures.csv failed too and it said nothing failed."""
     import errno
 
-    from tmequant import pipeline
-    from tmequant.batch import Failure
+    from tmequant import atomic
+    from tmequant.batch import Failure, write_failures_csv
 
-    pipeline._failures_csv(tmp_path, [])  # the first write, before the report
-    real = pipeline.atomic_write_bytes
+    write_failures_csv(tmp_path, [])  # the first write, before the report
+    real = atomic.atomic_write_bytes
 
     def full(path, data):
         tmp = Path(path).with_name(".x.tmp")
         tmp.write_bytes(data[: len(data) // 2])  # a partial copy, then no room
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "atomic_write_bytes", full)
-    pipeline._failures_csv(tmp_path, [Failure("(cohort)", "report", "OSError: No space left on device")])
-    monkeypatch.setattr(pipeline, "atomic_write_bytes", real)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", full)
+    write_failures_csv(tmp_path, [Failure("(cohort)", "report", "OSError: No space left on device")])
+    monkeypatch.setattr(atomic, "atomic_write_bytes", real)
     rows = list(csv.DictReader(open(tmp_path / "failures.csv", newline="")))
     assert rows == [{"slide_id": "(cohort)", "stage": "report", "reason": "OSError: No space left on device"}]
 
 
 def test_atomic_write_leaves_no_partial_copy_when_it_fails(tmp_path: Path, monkeypatch):
-    from tmequant import pipeline
+    from tmequant import atomic
 
     def no_room(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline.os, "fsync", no_room)
+    monkeypatch.setattr(atomic.os, "fsync", no_room)
     with pytest.raises(OSError):
-        pipeline.atomic_write_text(tmp_path / "a.txt", "data")
+        atomic.atomic_write_text(tmp_path / "a.txt", "data")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -568,24 +568,43 @@ def test_unsupported_transfer_syntax_is_named(tmp_path: Path, monkeypatch):
 
 
 # --- 8. non-square pixels ---------------------------------------------------------------------
-def test_non_square_pixels_are_refused_not_averaged(tmp_path: Path, capsys):
-    """0.25 x 0.5 um pixels were averaged to 0.375: every area and density off by ~12%."""
+def test_non_square_pixels_are_carried_per_axis_not_averaged(tmp_path: Path, capsys):
+    """0.25 x 0.5 um pixels were averaged to 0.375 (every area and density ~12% off), then
+    refused. Now x and y are carried separately: a 128 x 256 um slide is tiled into 64 um
+    tiles of 256 x 128 level-0 px, its 128 x 192 um of tissue measure 128 x 192 um (the mean
+    gave 192 x 144, +12.5%), and a round blob stays round in the 1 um/px tiles."""
     import tifffile
 
-    from tmequant.errors import SlideError
+    from tmequant.pixelsize import PixelSize
+    from tmequant.store import SlideStore
     from tmequant.wsi import open_slide
 
+    img = np.full((512, 512, 3), 240, np.uint8)  # glass below y = 192 um (row 384)
+    img[:384] = (215, 140, 185)  # pink tissue above
+    yy, xx = np.mgrid[0:512, 0:512]
+    # a disc of 40 um radius centred at (64, 96) um: an ellipse in level-0 px
+    img[((xx + 0.5) * 0.25 - 64) ** 2 + ((yy + 0.5) * 0.5 - 96) ** 2 <= 40 ** 2] = (60, 30, 110)
     p = tmp_path / "rect.tif"
-    tifffile.imwrite(p, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256),
-                     resolution=(40000.0, 20000.0), resolutionunit="CENTIMETER", photometric="rgb")
-    with pytest.raises(SlideError, match=r"pixels are not square \(0.25 x 0.5 um/px"):
-        open_slide(p)
-    with open_slide(p, require_mpp=False) as s:  # inspection only: a warning, both sizes kept
-        assert (s.info.mpp_x_um, s.info.mpp_y_um) == (0.25, 0.5)
+    tifffile.imwrite(p, img, tile=(256, 256), resolution=(40000.0, 20000.0),
+                     resolutionunit="CENTIMETER", photometric="rgb")
+    with open_slide(p) as s:
+        assert s.info.pixel_size == PixelSize(0.25, 0.5)
     rc = main(["-q", "tile", str(p), "--out", str(tmp_path / "o"), "--mpp", "1", "--tile-px", "64"])
     err = capsys.readouterr().err
-    assert rc == 1, err
-    one_line(err, "rect.tif", "pixels are not square")
+    assert rc == 0, err
+    st = SlideStore(tmp_path / "o" / "rect.zarr")
+    assert st.tile_level0_xy_px == (256.0, 128.0) and st.pixel_size == PixelSize(0.25, 0.5)
+    assert sorted(map(tuple, st.grid.tolist())) == [(r, c) for r in range(3) for c in range(2)]
+    tissue_um2 = float(st.tissue_fraction.sum()) * st.tile_um ** 2
+    assert tissue_um2 == pytest.approx(128 * 192, rel=0.01)  # the mean 0.375: 192 x 144
+    # the tiles, stitched at 1 um/px: the disc is round, 80 um across both ways
+    mosaic = np.zeros((192, 128, 3), np.uint8)
+    for (r, c), tile in zip(st.grid, np.asarray(st.images[:])):
+        mosaic[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64] = tile
+    dark = mosaic.mean(axis=2) < 120
+    rows, cols = np.nonzero(dark)
+    assert rows.max() - rows.min() + 1 == pytest.approx(80, abs=2)
+    assert cols.max() - cols.min() + 1 == pytest.approx(80, abs=2)
 
 
 # --- 12. single-strip TIFF --------------------------------------------------------------------

@@ -39,19 +39,22 @@ if _typing.TYPE_CHECKING:  # what mypy and IDEs see; at run time these load lazi
     from tmequant.biomarkers.grid import TileGrid as TileGrid
     from tmequant.biomarkers.params import BiomarkerParams as BiomarkerParams
     from tmequant.biomarkers.store import biomarkers_for_store as biomarkers_for_store
-    from tmequant.inference.engine import PredictResult as PredictResult
     from tmequant.inference.cells import detect_image as detect_image
+    from tmequant.inference.engine import PredictResult as PredictResult
     from tmequant.inference.engine import predict_store as predict_store
     from tmequant.inference.nuclei import CountResult as CountResult
     from tmequant.inference.nuclei import NucleusCounterParams as NucleusCounterParams
     from tmequant.inference.nuclei import count_store as count_nuclei
     from tmequant.inputs import SlideSpec as SlideSpec
+    from tmequant.inputs import expand_stores as expand_stores
     from tmequant.models.card import ModelCard as ModelCard
     from tmequant.models.io import LoadedModel as LoadedModel
-    from tmequant.models.io import load_model as load_model
     from tmequant.models.registry import list_models as list_models
+    from tmequant.models.registry import load_model as load_model
     from tmequant.pipeline import RunResult as RunResult
+    from tmequant.pipeline import resolve_tiling_params as resolve_tiling_params
     from tmequant.pipeline import run_batch as run_batch
+    from tmequant.pipeline import write_biomarker_tables as write_biomarker_tables
     from tmequant.tiling.store import SlideStore as SlideStore
     from tmequant.tiling.tile import TileResult as TileResult
     from tmequant.tiling.tile import TilingParams as TilingParams
@@ -79,8 +82,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "TissueParams": ("tmequant.wsi.tissue", "TissueParams"),
     "TileResult": ("tmequant.tiling.tile", "TileResult"),
     "SlideStore": ("tmequant.tiling.store", "SlideStore"),
+    "expand_stores": ("tmequant.inputs", "expand_stores"),
     # models and prediction
-    "load_model": ("tmequant.models.io", "load_model"),
+    "load_model": ("tmequant.models.registry", "load_model"),
     "list_models": ("tmequant.models.registry", "list_models"),
     "LoadedModel": ("tmequant.models.io", "LoadedModel"),
     "ModelCard": ("tmequant.models.card", "ModelCard"),
@@ -98,9 +102,11 @@ _LAZY: dict[str, tuple[str, str]] = {
     "BiomarkerParams": ("tmequant.biomarkers.params", "BiomarkerParams"),
     "BiomarkerResult": ("tmequant.biomarkers.aggregate", "BiomarkerResult"),
     "read_cell_table": ("tmequant.biomarkers.cells", "read_cell_table"),
+    "write_biomarker_tables": ("tmequant.pipeline", "write_biomarker_tables"),
     # the whole pipeline
     "run_batch": ("tmequant.pipeline", "run_batch"),
     "RunResult": ("tmequant.pipeline", "RunResult"),
+    "resolve_tiling_params": ("tmequant.pipeline", "resolve_tiling_params"),
     # fine-tuning
     "train": ("tmequant.training.trainer", "train"),
     "TrainConfig": ("tmequant.training.trainer", "TrainConfig"),
@@ -130,6 +136,7 @@ __all__ = [  # noqa: RUF022 - grouped by step, in the order of docs/api.md
     "TissueParams",
     "TileResult",
     "SlideStore",
+    "expand_stores",
     # models and prediction
     "load_model",
     "list_models",
@@ -149,9 +156,11 @@ __all__ = [  # noqa: RUF022 - grouped by step, in the order of docs/api.md
     "BiomarkerParams",
     "BiomarkerResult",
     "read_cell_table",
+    "write_biomarker_tables",
     # the whole pipeline
     "run_batch",
     "RunResult",
+    "resolve_tiling_params",
     # fine-tuning
     "train",
     "TrainConfig",

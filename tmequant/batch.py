@@ -2,14 +2,22 @@
 
 ``run_per_slide`` calls ``fn(spec)`` for each item, turns any failure into a one-line
 reason, and returns what succeeded and what failed; the CLI exits non-zero when any failed.
+``write_failures_csv`` is the one writer of ``failures.csv`` (``tmequant run``, ``tile``,
+``biomarkers``).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Generic, Iterable, TypeVar
 
+from tmequant.atomic import atomic_write_text
 from tmequant.errors import TmequantError
 
 log = logging.getLogger("tmequant")
@@ -29,6 +37,8 @@ class Failure:
 
 @dataclass
 class BatchResult(Generic[R]):
+    """What a batch gave: item id -> result of each item that succeeded, and the failures."""
+
     results: dict[str, R] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
 
@@ -65,3 +75,27 @@ def run_per_slide(
             log.debug("traceback for %s", iid, exc_info=True)
             out.failures.append(Failure(iid, stage, reason))
     return out
+
+
+def write_failures_csv(out_dir: str | os.PathLike[str], failures: Sequence[Failure]) -> Path:
+    """Write ``<out_dir>/failures.csv`` (``slide_id,stage,reason``, one row per failure, in
+    the order given; a header only when none failed) atomically; returns its path.
+
+    On a full disk the atomic write (which needs room for a second copy) fails; an existing
+    file is then rewritten in place, reusing its blocks, so the failure is still recorded.
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["slide_id", "stage", "reason"])
+    for f in failures:
+        w.writerow([f.item_id, f.stage, f.reason])
+    path = Path(out_dir) / "failures.csv"
+    try:
+        return atomic_write_text(path, buf.getvalue())
+    except OSError:
+        if not path.is_file():
+            raise
+        with open(path, "r+", encoding="utf-8") as fh:
+            fh.write(buf.getvalue())
+            fh.truncate()
+        return path

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmequant.atomic import atomic_write_text
+
 log = logging.getLogger("tmequant")
 
 DEMO_MODEL = "phantom-demo"
@@ -278,8 +280,6 @@ def format_table(scenarios: list[ScenarioResult], required_only: bool = False) -
 
 
 def _write_checks(path: Path, scenarios: list[ScenarioResult]) -> Path:
-    from tmequant.pipeline import atomic_write_text
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["scenario", "slide_id", "biomarker", "truth", "measured", "rel_error", "tolerance",
@@ -323,7 +323,7 @@ def run_demo(
     from tmequant.models import ModelCard, get_card
     from tmequant.phantom import SCENARIOS, generate_phantom, generator_key, scenario_spec
     from tmequant.phantom import cache as phantom_cache
-    from tmequant.pipeline import atomic_write_text, run_batch
+    from tmequant.pipeline import run_batch
     from tmequant.provenance import package_version, to_jsonable
 
     presets = [s for s in SCENARIOS if s != "custom"]
@@ -426,8 +426,6 @@ def run_demo(
 
 
 def _write_params(path: Path) -> Path:
-    from tmequant.pipeline import atomic_write_text
-
     lines = ["# tmequant demo: parameters of its run (tmequant run SLIDES --params this-file)",
              "[nucleus_counter]"]
     lines += [f"{k} = {v!r}" for k, v in DEMO_COUNTER.items()]

@@ -12,6 +12,8 @@ replaces the nucleus counter.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 DOMAIN_UNKNOWN = "unknown"
@@ -62,13 +64,17 @@ def domain_warning(model_name: str, domain: Any) -> str | None:
     return None
 
 
+def truth_dir_for(slide_path: str | os.PathLike[str]) -> Path:
+    """Folder of a phantom's truth files: ``<name>.truth/`` next to ``<name>.svs``."""
+    p = Path(slide_path)
+    return p.with_name(p.stem + ".truth")
+
+
 def is_phantom_slide(path: Any) -> bool:
     """Whether ``path`` is a tmequant phantom (its truth folder lies next to it): a synthetic
     model on a phantom is what the demo does, and needs no warning."""
     if not path or "://" in str(path):
         return False
-    from tmequant.phantom.generate import truth_dir_for
-
     try:
         return (truth_dir_for(path) / "truth.json").is_file()
     except (OSError, ValueError):

@@ -2,6 +2,7 @@
 
 SLIDES may be slide files, folders (scanned, not recursively), glob patterns and CSV
 manifests with the header ``slide_id,path[,mpp]`` (paths relative to the manifest).
+``expand_stores`` does the same for the STORES arguments (``*.zarr`` slide stores).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import glob
 import hashlib
 import io
 import logging
-import math
 import os
 import re
 import unicodedata
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from tmequant.defaults import MPP_MAX_UM, MPP_MIN_UM, mpp_in_range
 from tmequant.errors import InputError
 
 log = logging.getLogger("tmequant")
@@ -236,8 +237,8 @@ def parse_mpp(value: str, source: str) -> float | None:
         mpp = float(value)
     except ValueError:
         raise InputError(f"mpp {value!r} is not a number", source) from None
-    if not math.isfinite(mpp) or not 0.05 <= mpp <= 20:
-        raise InputError(f"mpp {value!r} is outside 0.05-20 um/px", source)
+    if not mpp_in_range(mpp):
+        raise InputError(f"mpp {value!r} is outside {MPP_MIN_UM}-{MPP_MAX_UM:g} um/px", source)
     return mpp
 
 
@@ -365,3 +366,37 @@ def expand_slides(
         mpp = spec.mpp_override_um if spec.mpp_override_um is not None else mpp_override_um
         out.append(SlideSpec(spec.slide_id, spec.path, mpp))
     return out
+
+
+def expand_stores(args: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Store paths from arguments: ``x.zarr`` stores, folders of ``*.zarr``, glob patterns
+    (and fsspec URLs, kept as given), in order, each once.
+
+    A path that does not exist is kept (it fails on its own, the others still run);
+    a folder or glob that holds no store is a usage error (InputError).
+    """
+    out: list[str] = []
+    for a in map(str, args):
+        p = Path(a)
+        if "://" in a or a.rstrip("/").endswith(".zarr") or (p / "zarr.json").exists():
+            out.append(a.rstrip("/") if "://" not in a else a)
+        elif p.is_dir():
+            found = sorted(str(q) for q in p.glob("*.zarr") if (q / "zarr.json").exists())
+            if not found:
+                raise InputError("folder holds no slide stores (*.zarr)", p)
+            out.extend(found)
+        elif any(ch in a for ch in "*?["):
+            found = sorted(glob.glob(a))
+            if not found:
+                raise InputError(f"pattern {a!r} matches no slide store")
+            out.extend(found)
+        else:
+            out.append(a)
+    seen: set[str] = set()
+    return [s for s in out if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
+
+
+def store_id(path: str) -> str:
+    """A store's id from its path: the folder name without ``.zarr``."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(".zarr")

@@ -3,6 +3,8 @@
 On a terminal it draws a rich progress bar; otherwise (CI, nohup, a file) it writes a
 plain ``logging`` line at most every ``log_every_s`` seconds and one at the end. Library
 code never prints: it takes ``progress=False`` or a ``ProgressBar`` from the caller.
+``ProgressBar`` counts units (tiles, slides) of one step; ``BatchProgress`` is the display
+of ``tmequant run``: slides done, the current slide and stage.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import sys
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("tmequant")
 
@@ -50,7 +52,11 @@ class ProgressBar:
     def __enter__(self) -> "ProgressBar":
         if self.enabled and sys.stderr.isatty():
             from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
             )
 
             self._rich = Progress(
@@ -96,3 +102,95 @@ class ProgressBar:
             self._rich.stop()
         elif self.enabled:
             self._log_line()
+
+
+class SlideStatus(Protocol):
+    """What :class:`BatchProgress` shows of one slide (``tmequant.pipeline.SlideRun`` has it)."""
+
+    n_tiles: int | None
+    stages: dict[str, str]
+    seconds: dict[str, float]
+    tiles_per_s: dict[str, float]
+    why: dict[str, str]
+    failure: Any  # tmequant.batch.Failure (stage, reason) or None
+
+    @property
+    def slide_id(self) -> str: ...
+
+
+class BatchProgress:
+    """One display for the batch: slides done, current slide and stage, last tiles/s.
+
+    On a terminal: one rich progress bar. Otherwise: one log line per finished stage and
+    per finished slide (no carriage-return noise in CI logs or files).
+    """
+
+    def __init__(self, n_slides: int, enabled: bool | None = None):
+        self.n = n_slides
+        self.done = 0
+        self.enabled = _enabled_default if enabled is None else enabled  # the CLI's --quiet
+        self._rich: Any = None
+        self._task: Any = None
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> BatchProgress:
+        if self.enabled and sys.stderr.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._rich = Progress(TextColumn("slides"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.description}"), TimeElapsedColumn())
+            self._rich.start()
+            self._task = self._rich.add_task("", total=self.n)
+            # Log lines go through rich's stderr proxy, so they print above the bar.
+            self._swapped = []
+            for h in log.handlers:
+                if isinstance(h, logging.StreamHandler) and h.stream is sys.__stderr__:
+                    self._swapped.append((h, h.setStream(sys.stderr)))
+        return self
+
+    def _show(self, msg: str, advance: int = 0) -> None:
+        from rich.markup import escape
+
+        self._rich.update(self._task, advance=advance, description=escape(msg))
+
+    def stage(self, slide_id: str, stage: str) -> None:
+        """A stage starts."""
+        if self._rich is not None:
+            self._show(f"{slide_id}: {stage}...")
+
+    def stage_done(self, run: SlideStatus, stage: str) -> None:
+        what = run.stages.get(stage, "?")
+        rate = run.tiles_per_s.get(stage)
+        rate_s = f", {rate:.1f} tiles/s" if rate and what == "done" else ""
+        tiles = f", {run.n_tiles} tiles" if run.n_tiles is not None else ""
+        if what == "skipped" and run.why.get(stage):  # say why, not just "skipped"
+            msg = f"{run.slide_id}: {stage}: {run.why[stage]}{tiles} ({run.seconds.get(stage, 0.0):.1f} s)"
+        else:
+            msg = f"{run.slide_id}: {stage} {what}{tiles}{rate_s} ({run.seconds.get(stage, 0.0):.1f} s)"
+        if self._rich is not None:
+            self._show(msg)
+        elif self.enabled:
+            log.info("[%d/%d] %s", self.done, self.n, msg)
+
+    def slide_done(self, run: SlideStatus) -> None:
+        self.done += 1
+        if run.failure is not None:
+            msg = f"{run.slide_id}: FAILED [{run.failure.stage}] {run.failure.reason}"
+        else:
+            msg = f"{run.slide_id}: finished ({sum(run.seconds.values()):.1f} s)"
+        if self._rich is not None:
+            self._show(msg, advance=1)
+        elif self.enabled:
+            log.info("[%d/%d] %s", self.done, self.n, msg)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            for h, old in self._swapped:
+                h.setStream(old)

@@ -29,8 +29,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from tmequant.codecs import ImageCodec, parse_image_codec
 from tmequant.errors import StoreError
 from tmequant.locks import HeldLock, acquire_lock
+from tmequant.pixelsize import PixelSize
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,8 +66,12 @@ ROOT_ATTRS = (
     "tile_px", "tile_um", "tile_level0_px", "read_level", "tissue", "min_tissue_fraction",
     "tiling_params", PARAMS_HASH, "package_version",
 )
+# Per-axis pixel size and grid pitch (tmequant.pixelsize), written by the tiler since
+# non-square pixels are supported: all four or none. A store without them (an older one, or
+# a header written by hand) has square pixels of slide_mpp_um.
+AXIS_ATTRS = ("slide_mpp_x_um", "slide_mpp_y_um", "tile_level0_x_px", "tile_level0_y_px")
 
-COMPRESSIONS = ("zstd", "zstd-1", "zstd-9", "blosc-lz4", "none")
+COMPRESSIONS = ("zstd", "zstd-1", "zstd-9", "blosc-lz4", "none")  # lossless
 # Every chunk is stored (all-zero ones too): a missing chunk is then damage, never "empty".
 _WRITE_CONFIG: Any = {"write_empty_chunks": True}  # zarr's ArrayConfigParams
 
@@ -362,7 +368,26 @@ class SlideStore:
 
     @property
     def tile_level0_px(self) -> float:
+        """Grid pitch in level-0 px for square pixels (``tile_um / slide_mpp_um``); use
+        :attr:`tile_level0_xy_px` for positions, which also holds for non-square pixels."""
         return float(self._attr("tile_level0_px"))
+
+    @property
+    def pixel_size(self) -> PixelSize:
+        """Level-0 pixel size along x and y (``slide_mpp_um`` is their geometric mean)."""
+        mx, my = self.root.attrs.get("slide_mpp_x_um"), self.root.attrs.get("slide_mpp_y_um")
+        if mx is None or my is None:
+            return PixelSize.square(self.slide_mpp_um)
+        return PixelSize(float(mx), float(my))  # type: ignore[arg-type]
+
+    @property
+    def tile_level0_xy_px(self) -> tuple[float, float]:
+        """Grid pitch (= tile footprint) in level-0 px along x and y."""
+        tx, ty = self.root.attrs.get("tile_level0_x_px"), self.root.attrs.get("tile_level0_y_px")
+        if tx is None or ty is None:
+            t = self.tile_level0_px
+            return t, t
+        return float(tx), float(ty)  # type: ignore[arg-type]
 
     @property
     def params_hash(self) -> str | None:
@@ -433,9 +458,20 @@ class SlideStore:
 
     @property
     def mask_downsample(self) -> float:
-        """Level-0 pixels per tissue-mask pixel."""
+        """Level-0 pixels per tissue-mask pixel (with non-square pixels: per pixel of their
+        geometric-mean size; :attr:`mask_downsample_xy` gives x and y)."""
         downsample: Any = self._zarray(TISSUE_MASK).attrs["downsample"]
         return float(downsample)
+
+    @property
+    def mask_downsample_xy(self) -> tuple[float, float]:
+        """Level-0 pixels per tissue-mask pixel along x and y (mask pixels are square)."""
+        px = self.pixel_size
+        if px.is_square:
+            d = self.mask_downsample
+            return d, d
+        mask_mpp: Any = self._zarray(TISSUE_MASK).attrs["mpp_um"]
+        return px.px(float(mask_mpp))
 
     @property
     def thumbnail(self) -> np.ndarray:
@@ -579,13 +615,18 @@ class SlideStore:
 
     # --- writing: the tiles -----------------------------------------------------------
     def write_header(self, **attrs: Any) -> None:
-        """Root attributes of a new store: exactly ROOT_ATTRS (schema_version is added)."""
+        """Root attributes of a new store: exactly ROOT_ATTRS, and AXIS_ATTRS all or none
+        (schema_version is added)."""
         self._writable()
-        missing, unknown = set(ROOT_ATTRS) - set(attrs), set(attrs) - set(ROOT_ATTRS)
+        known = set(ROOT_ATTRS) | set(AXIS_ATTRS)
+        missing, unknown = set(ROOT_ATTRS) - set(attrs), set(attrs) - known
+        axes = [k for k in AXIS_ATTRS if k in attrs]
+        if axes and len(axes) != len(AXIS_ATTRS):
+            missing |= set(AXIS_ATTRS) - set(axes)
         if missing or unknown:
             raise ValueError(f"store header: missing {sorted(missing)}, unknown {sorted(unknown)}")
         self.root.attrs.update({"schema_version": STORE_SCHEMA_VERSION,
-                                **{k: attrs[k] for k in ROOT_ATTRS}})
+                                **{k: attrs[k] for k in ROOT_ATTRS}, **{k: attrs[k] for k in axes}})
 
     def _write_small(self, key: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
         data = np.ascontiguousarray(data)
@@ -622,14 +663,22 @@ class SlideStore:
 
     def create_images(self, n_tiles: int, tile_px: int, *, tiles_per_chunk: int,
                       tiles_per_shard: int, compression: str, mpp_um: float) -> None:
-        """Create ``tiles/images`` (n_tiles, tile_px, tile_px, 3) uint8, sharded."""
+        """Create ``tiles/images`` (n_tiles, tile_px, tile_px, 3) uint8, sharded. ``compression``:
+        a lossless chain (COMPRESSIONS) or a lossy image codec (``jpeg-95``...,
+        :mod:`tmequant.codecs`), stored one image per tile."""
         self._writable()
         tp = tile_px
+        kw: dict[str, Any]
+        if compression in COMPRESSIONS:
+            kw = {"chunks": (tiles_per_chunk, tp, tp, 3), "compressors": compressors(compression)}
+        else:  # a lossy image codec: one image per tile, checksummed like every chunk
+            codec, level = parse_image_codec(compression)
+            kw = {"chunks": (1, tp, tp, 3), "serializer": ImageCodec(codec=codec, level=level),
+                  "compressors": [Crc32cCodec()]}
         arr = self.root.create_array(
             IMAGES, shape=(n_tiles, tp, tp, 3), dtype=np.uint8,
-            chunks=(tiles_per_chunk, tp, tp, 3), shards=(tiles_per_shard, tp, tp, 3),
-            compressors=compressors(compression), fill_value=0,
-            dimension_names=["tile", "y", "x", "channel"], config=_WRITE_CONFIG,
+            shards=(tiles_per_shard, tp, tp, 3), fill_value=0,
+            dimension_names=["tile", "y", "x", "channel"], config=_WRITE_CONFIG, **kw,
         )
         arr.attrs.update({"mpp_um": float(mpp_um), "color": "RGB"})
         self._arrays[IMAGES] = arr

@@ -13,27 +13,24 @@ from tmequant.biomarkers.aggregate import (
     TLS_COLUMNS,
     BiomarkerResult,
     Compartments,
-    DenseGrid,
     block_sums,
     compartments,
     composition,
     compute_biomarkers,
-    counts_from_cells,
     exclusion_ratio,
     find_tls,
     immune_phenotype,
     lymphocyte_counts,
     morisita_horn,
     square_counts,
-    stil_score_pct,
     til_density,
     til_positive_fraction,
     tile_density_per_mm2,
     tumor_bulk,
 )
 from tmequant.biomarkers.cells import DEFAULT_CELL_ROLE_MAP, cell_role, cell_roles, read_cell_table
-from tmequant.biomarkers.cellular import CellCompartments, cell_compartments
-from tmequant.biomarkers.grid import TileGrid
+from tmequant.biomarkers.cellular import CellCompartments, cell_compartments, stil_score_pct
+from tmequant.biomarkers.grid import DenseGrid, TileGrid, counts_from_cells
 from tmequant.biomarkers.params import BiomarkerParams
 from tmequant.biomarkers.store import biomarkers_for_store
 

@@ -32,10 +32,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from tmequant.biomarkers.cellular import CellCompartments, cell_compartments
-from tmequant.biomarkers.grid import TileGrid
+from tmequant.biomarkers.cells import cell_roles, check_cell_units
+from tmequant.biomarkers.cellular import CellCompartments, cell_compartments, stil_score_pct
+from tmequant.biomarkers.grid import DenseGrid, TileGrid
 from tmequant.biomarkers.params import BiomarkerParams
 from tmequant.errors import StoreError
+from tmequant.provenance import package_version, params_hash, to_jsonable
 from tmequant.roles import TISSUE_ROLES
 
 log = logging.getLogger("tmequant")
@@ -51,45 +53,6 @@ def at_least(values: np.ndarray | float, threshold: float) -> np.ndarray:
         return v >= threshold - _REL_EPS * max(abs(threshold), 1.0)
 _EIGHT = np.ones((3, 3), dtype=bool)
 COMPARTMENT_NAMES = ("tumor", "bulk", "epithelium", "tumor_stroma", "margin", "core")
-
-
-# --- grid helpers ----------------------------------------------------------------------
-@dataclass
-class DenseGrid:
-    """A (rows, cols) raster holding the tiles, padded by ``pad`` cells on each side.
-
-    origin: (row, col) on the slide grid of raster cell (0, 0); r, c: (N,) raster index of
-    each tile; has_tile: (R, C) bool.
-    """
-
-    origin: tuple[int, int]
-    shape: tuple[int, int]
-    r: np.ndarray
-    c: np.ndarray
-    has_tile: np.ndarray
-
-    @classmethod
-    def of(cls, rows: np.ndarray, cols: np.ndarray, pad: int) -> DenseGrid:
-        if rows.size == 0:
-            return cls((0, 0), (2 * pad + 1, 2 * pad + 1), rows.astype(np.int64),
-                       cols.astype(np.int64), np.zeros((2 * pad + 1, 2 * pad + 1), bool))
-        r0, c0 = int(rows.min()) - pad, int(cols.min()) - pad
-        shape = (int(rows.max()) - r0 + pad + 1, int(cols.max()) - c0 + pad + 1)
-        r, c = rows - r0, cols - c0
-        has = np.zeros(shape, dtype=bool)
-        has[r, c] = True
-        return cls((r0, c0), shape, r, c, has)
-
-    def paint(self, values: np.ndarray, fill: Any = 0) -> np.ndarray:
-        """(N,) per-tile values -> (R, C) raster (``fill`` where there is no tile)."""
-        values = np.asarray(values)
-        out = np.full(self.shape, fill, dtype=values.dtype)
-        out[self.r, self.c] = values
-        return out
-
-    def sample(self, raster: np.ndarray) -> np.ndarray:
-        """(R, C) raster -> (N,) values at the tiles."""
-        return raster[self.r, self.c]
 
 
 def disk_footprint(radius_cells: float) -> np.ndarray:
@@ -184,34 +147,6 @@ def compartments(grid: TileGrid, params: BiomarkerParams | None = None) -> Compa
 
 
 # --- counts ----------------------------------------------------------------------------
-def counts_from_cells(grid: TileGrid, cells: pd.DataFrame,
-                      role_map: Mapping[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Bin a cell table (x, y level-0 px; ``class`` or ``role``) onto the grid's tiles.
-
-    Returns (lymphocytes (N,), tumour cells (N,), number of cells outside every tile).
-    """
-    from tmequant.biomarkers.cells import cell_roles
-
-    role = cells["role"].to_numpy() if "role" in cells else cell_roles(cells["class"], role_map)
-    s = float(grid.tile_level0_px)  # type: ignore[arg-type]
-    r = np.floor(cells["y"].to_numpy(dtype=np.float64) / s).astype(np.int64)
-    c = np.floor(cells["x"].to_numpy(dtype=np.float64) / s).astype(np.int64)
-    n = grid.n_tiles
-    if n == 0:
-        return np.zeros(0), np.zeros(0), len(cells)
-    dense = DenseGrid.of(grid.rows, grid.cols, 0)
-    idx = np.full(dense.shape, -1, dtype=np.int64)
-    idx[dense.r, dense.c] = np.arange(n)
-    rr, cc = r - dense.origin[0], c - dense.origin[1]
-    inside = (rr >= 0) & (cc >= 0) & (rr < dense.shape[0]) & (cc < dense.shape[1])
-    tile = np.full(r.shape, -1, dtype=np.int64)
-    tile[inside] = idx[rr[inside], cc[inside]]
-    ok = tile >= 0
-    lymph = np.bincount(tile[ok & (role == "lymphocyte")], minlength=n).astype(np.float64)
-    tumor = np.bincount(tile[ok & (role == "tumor_cell")], minlength=n).astype(np.float64)
-    return lymph, tumor, int((~ok).sum())
-
-
 def lymphocyte_counts(grid: TileGrid, params: BiomarkerParams | None = None) -> tuple[np.ndarray, str]:
     """(N,) lymphocytes per tile and their source; without counts, immune-role area x
     ``area_estimate_per_mm2`` (source ``area_estimate``)."""
@@ -232,13 +167,6 @@ def til_density(counts: np.ndarray, area_um2: np.ndarray, mask: np.ndarray) -> f
     """Lymphocytes per mm^2 of tissue over the tiles in ``mask`` (NaN with no tissue)."""
     a = float(area_um2[mask].sum())
     return float(counts[mask].sum()) / a * UM2_PER_MM2 if a > 0 else math.nan
-
-
-def stil_score_pct(n_til: float, stroma_area_um2: float, til_area_um2: float = 64.0) -> float:
-    """TIGER stromal TIL score: clip(100 * n_TIL * 64 um^2 / stroma area, 0, 100); NaN without stroma."""
-    if not stroma_area_um2 > 0:
-        return math.nan
-    return float(np.clip(100.0 * n_til * til_area_um2 / stroma_area_um2, 0.0, 100.0))
 
 
 def til_positive_fraction(tile_density: np.ndarray, mask: np.ndarray, threshold_per_mm2: float) -> float:
@@ -391,9 +319,9 @@ def find_tls(grid: TileGrid, comp: Compartments, counts: np.ndarray,
     a = np.bincount(idx, weights=area[cand], minlength=m)
     nl = np.bincount(idx, weights=counts[cand], minlength=m)
     nt = np.bincount(idx, minlength=m)
-    s = float(grid.tile_level0_px)  # type: ignore[arg-type]
-    cx = (grid.cols[cand] + 0.5) * s
-    cy = (grid.rows[cand] + 0.5) * s
+    sx, sy = grid.pitch_xy
+    cx = (grid.cols[cand] + 0.5) * sx
+    cy = (grid.rows[cand] + 0.5) * sy
     w = area[cand]
     with np.errstate(divide="ignore", invalid="ignore"):
         mx = np.bincount(idx, weights=cx * w, minlength=m) / a
@@ -407,12 +335,12 @@ def find_tls(grid: TileGrid, comp: Compartments, counts: np.ndarray,
     new = np.zeros(m, dtype=np.int64)
     new[ids] = np.arange(1, len(ids) + 1)
     labels = new[comp_id]
-    mpp = grid.slide_mpp_um
+    cx_um, cy_um = grid.level0_to_um(mx[ids], my[ids])
     table = pd.DataFrame({
         "tls_id": np.arange(1, len(ids) + 1), "area_um2": a[ids], "n_lymphocytes": nl[ids],
         "mean_density_per_mm2": nl[ids] / a[ids] * UM2_PER_MM2,
         "centroid_x_px": mx[ids], "centroid_y_px": my[ids],
-        "centroid_x_um": mx[ids] * mpp, "centroid_y_um": my[ids] * mpp,
+        "centroid_x_um": cx_um, "centroid_y_um": cy_um,
         "distance_to_bulk_um": mingap[ids], "bulk_overlap_fraction": overlap[ids],
         "location": np.where(overlap[ids] >= 0.5, "intratumoral", "peritumoral"),
         "n_tiles": nt[ids],
@@ -485,11 +413,7 @@ def compute_biomarkers(grid: TileGrid, cells: pd.DataFrame | None = None,
     (``compartment_resolution`` ``cell``, see cellular.py; ``tile`` otherwise).
     """
     params = params or BiomarkerParams()
-    from tmequant.provenance import package_version, params_hash, to_jsonable
-
     if cells is not None:
-        from tmequant.biomarkers.cells import cell_roles, check_cell_units
-
         check_cell_units(grid, cells)
         if "role" not in cells:
             cells = cells.assign(role=cell_roles(cells["class"], cell_role_map))
@@ -587,9 +511,9 @@ def _morisita_horn(grid: TileGrid, cells: pd.DataFrame | None, counts: np.ndarra
     as the tumour distribution when there are none."""
     if cells is not None and len(cells):
         role = cells["role"].to_numpy()
-        mpp = grid.slide_mpp_um
-        lym, tum = square_counts(cells["x"].to_numpy(float) * mpp, cells["y"].to_numpy(float) * mpp,
-                                 params.mh_cell_um, [role == "lymphocyte", role == "tumor_cell"])
+        x_um, y_um = grid.level0_to_um(cells["x"].to_numpy(float), cells["y"].to_numpy(float))
+        lym, tum = square_counts(x_um, y_um, params.mh_cell_um,
+                                 [role == "lymphocyte", role == "tumor_cell"])
         return {"morisita_horn": morisita_horn(tum, lym), "morisita_horn_square_um": params.mh_cell_um,
                 "morisita_horn_tumor_source": "cell_table"}
     block = max(1, round(params.mh_cell_um / grid.tile_um))

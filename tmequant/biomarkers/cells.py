@@ -68,11 +68,11 @@ def check_cell_units(grid: Any, cells: pd.DataFrame) -> None:
     read as pixels (as given) and read as micrometres (divided by the MPP). A table whose
     cells fit the tissue at least 80% as micrometres and at most half as well as pixels is
     refused with a message saying how to convert it. Near 1 um/px the two readings agree
-    and nothing is checked. grid: a TileGrid (rows, cols, tile_level0_px, slide_mpp_um,
-    tissue_fraction); cells: x, y.
+    and nothing is checked. Non-square pixels are read per axis. grid: a TileGrid (rows,
+    cols, pitch_xy, level0, tissue_fraction); cells: x, y.
     """
-    mpp = float(grid.slide_mpp_um)
-    if grid.n_tiles == 0 or len(cells) == 0 or 0.8 <= mpp <= 1.25:
+    px = grid.level0
+    if grid.n_tiles == 0 or len(cells) == 0 or all(0.8 <= m <= 1.25 for m in (px.x_um, px.y_um)):
         return
     tissue = np.asarray(grid.tissue_fraction) > 0
     if not tissue.any():
@@ -84,24 +84,26 @@ def check_cell_units(grid: Any, cells: pd.DataFrame) -> None:
     step = max(1, len(cells) // _UNITS_SAMPLE)  # every k-th cell: deterministic, order-free enough
     x = cells["x"].to_numpy(dtype=np.float64)[::step]
     y = cells["y"].to_numpy(dtype=np.float64)[::step]
-    s = float(grid.tile_level0_px)
+    sx, sy = grid.pitch_xy
 
     def share_on_tissue(xx: np.ndarray, yy: np.ndarray) -> float:
-        r = np.floor(yy / s).astype(np.int64) - r0
-        c = np.floor(xx / s).astype(np.int64) - c0
+        r = np.floor(yy / sy).astype(np.int64) - r0
+        c = np.floor(xx / sx).astype(np.int64) - c0
         ok = (r >= 0) & (c >= 0) & (r < on.shape[0]) & (c < on.shape[1])
         hit = np.zeros(len(xx), dtype=bool)
         hit[ok] = on[r[ok], c[ok]]
         return float(hit.mean())
 
     as_px = share_on_tissue(x, y)
-    as_um = share_on_tissue(x / mpp, y / mpp)
+    as_um = share_on_tissue(*px.to_px(x, y))
     if as_um >= 0.8 and as_px <= 0.5 * as_um:
         src = cells.attrs.get("source_path") or grid.metadata.get("slide_id") or "cell table"
+        how = (f"x and y by the slide's {px.x_um:.4g} um/px" if px.is_square else
+               f"x by the slide's {px.x_um:.4g} um/px and y by its {px.y_um:.4g} um/px")
         raise CellTableError(
             f"x/y look like micrometres, not level-0 pixels: {100 * as_um:.0f}% of the cells lie "
-            f"on tissue read as micrometres, {100 * as_px:.0f}% read as pixels; divide x and y by "
-            f"the slide's {mpp:.4g} um/px to convert", src)
+            f"on tissue read as micrometres, {100 * as_px:.0f}% read as pixels; divide {how} "
+            "to convert", src)
 
 
 def _check_size(p: Path, max_bytes: int) -> None:

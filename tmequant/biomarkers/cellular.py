@@ -22,7 +22,7 @@ has tumour cells we draw the nests from the cells themselves:
 4. Areas are tissue areas: a tile's tissue is taken as spread evenly over its pixels (the
    tissue mask is per tile), so a pixel holds tissue_area / k^2. Lymphocytes are counted in
    the pixel (and tile) holding their centroid; the tile of a cell is the one
-   :func:`~tmequant.biomarkers.aggregate.counts_from_cells` gives it.
+   :func:`~tmequant.biomarkers.grid.counts_from_cells` gives it.
 
 Everything is per-tile sums (``(N,)`` arrays), so slide totals and phenotype regions use the
 same split. Pure and order-free: permuting the cell table changes nothing.
@@ -58,6 +58,13 @@ if TYPE_CHECKING:
 _TRUNCATE = 3.0  # Gaussian support in sigmas (weights beyond 3 sigma are < 1.2%)
 
 
+
+def stil_score_pct(n_til: float, stroma_area_um2: float, til_area_um2: float = 64.0) -> float:
+    """TIGER stromal TIL score: clip(100 * n_TIL * 64 um^2 / stroma area, 0, 100); NaN without stroma."""
+    if not stroma_area_um2 > 0:
+        return math.nan
+    return float(np.clip(100.0 * n_til * til_area_um2 / stroma_area_um2, 0.0, 100.0))
+
 @dataclass
 class CellCompartments:
     """Per-tile split of the bulk's tumour/stroma/immune tiles at cell resolution.
@@ -81,8 +88,6 @@ class CellCompartments:
     def row(self, til_area_um2: float = 64.0) -> dict[str, float]:
         """Output columns this split replaces: epithelium / tumour-stroma areas (mm^2), their
         lymphocytes, TIL densities (per mm^2 of tissue, NaN without tissue) and sTIL score."""
-        from tmequant.biomarkers.aggregate import stil_score_pct
-
         a_e, a_s = float(self.epithelium_area_um2.sum()), float(self.stroma_area_um2.sum())
         l_e, l_s = float(self.epithelium_lymphocytes.sum()), float(self.stroma_lymphocytes.sum())
         return {
@@ -119,8 +124,8 @@ def cell_compartments(grid: TileGrid, comp: Compartments, cells: pd.DataFrame | 
     k = max(1, round(grid.tile_um / params.cell_compartment_um))
     pix_um = grid.tile_um / k
     sigma_px = params.cell_sigma_um / pix_um
-    t0 = float(grid.tile_level0_px)  # type: ignore[arg-type]
-    s0 = t0 / k
+    tx0, ty0 = grid.pitch_xy  # level-0 px per tile along x and y
+    sx0, sy0 = tx0 / k, ty0 / k  # level-0 px per raster pixel (square in um)
     # raster: bounding box of the refined tiles plus the kernel's reach, in whole tiles
     pad = math.ceil(_TRUNCATE * params.cell_sigma_um / grid.tile_um) + 1
     r0 = int(grid.rows[sel].min()) - pad
@@ -132,13 +137,13 @@ def cell_compartments(grid: TileGrid, comp: Compartments, cells: pd.DataFrame | 
     # tile of each cell exactly as counts_from_cells bins it, then its pixel inside the tile
     x = cells["x"].to_numpy(dtype=np.float64)
     y = cells["y"].to_numpy(dtype=np.float64)
-    tr = np.floor(y / t0).astype(np.int64)
-    tc = np.floor(x / t0).astype(np.int64)
+    tr = np.floor(y / ty0).astype(np.int64)
+    tc = np.floor(x / tx0).astype(np.int64)
     inside = (tr >= r0) & (tc >= c0) & (tr < r0 + R) & (tc < c0 + C)
     tr, tc, x, y = tr[inside], tc[inside], x[inside], y[inside]
     tum, lym = tum[inside], lym[inside]
-    fy = (tr - r0) * k + np.clip(np.floor((y - tr * t0) / s0).astype(np.int64), 0, k - 1)
-    fx = (tc - c0) * k + np.clip(np.floor((x - tc * t0) / s0).astype(np.int64), 0, k - 1)
+    fy = (tr - r0) * k + np.clip(np.floor((y - tr * ty0) / sy0).astype(np.int64), 0, k - 1)
+    fx = (tc - c0) * k + np.clip(np.floor((x - tc * tx0) / sx0).astype(np.int64), 0, k - 1)
     flat = fy * W + fx
 
     tile_idx = np.full((R, C), -1, dtype=np.int64)

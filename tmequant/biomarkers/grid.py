@@ -7,7 +7,6 @@ slide store (:meth:`TileGrid.from_store`) or from a caller's own table (:meth:`T
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -17,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tmequant.biomarkers.cells import cell_roles
 from tmequant.errors import CellTableError, InputError, StoreError
+from tmequant.pixelsize import PixelSize
 from tmequant.roles import COUNT_SOURCES, TISSUE_ROLES
 
 if TYPE_CHECKING:
@@ -32,6 +33,10 @@ class TileGrid:
 
     rows, cols: (N,) int grid indices; tile ``i`` covers level-0 x in
     ``[cols[i] * tile_level0_px, (cols[i] + 1) * tile_level0_px)`` and y likewise.
+    pixel_size: the slide's level-0 pixel size along x and y (:class:`PixelSize`); None for
+    square pixels of ``slide_mpp_um``. With non-square pixels ``slide_mpp_um`` is their
+    geometric mean, the pitch differs per axis and ``tile_level0_px`` (``tile_um /
+    slide_mpp_um``) is no position: :attr:`pitch_xy` and :meth:`level0_to_um` are.
     role_probs: role -> (N,) float, the summed class probabilities of each tissue role.
     tissue_fraction: (N,) share of the tile covered by tissue, 0-1.
     lymphocyte_counts / tumor_cell_counts: (N,) cells per tile, or None.
@@ -49,6 +54,7 @@ class TileGrid:
     tumor_cell_counts: np.ndarray | None = None
     count_source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    pixel_size: PixelSize | None = None
 
     def __post_init__(self) -> None:
         self.rows = np.asarray(self.rows, dtype=np.int64).ravel()
@@ -63,6 +69,11 @@ class TileGrid:
         if self.tile_level0_px is None:
             self.tile_level0_px = self.tile_um / self.slide_mpp_um
         self.tile_level0_px = float(self.tile_level0_px)
+        if self.pixel_size is not None and not self.pixel_size.is_square:
+            mean = self.pixel_size.mean_um
+            if abs(self.slide_mpp_um - mean) > 1e-6 * mean:
+                raise InputError(f"slide_mpp_um {self.slide_mpp_um!r} is not the geometric mean "
+                                 f"{mean:.6g} of the pixel size {self.pixel_size.describe()}")
         unknown = set(self.role_probs) - set(TISSUE_ROLES)
         if unknown:
             raise InputError(f"unknown tissue roles {sorted(unknown)}; valid: {list(TISSUE_ROLES)}")
@@ -95,6 +106,26 @@ class TileGrid:
     @property
     def n_tiles(self) -> int:
         return int(self.rows.shape[0])
+
+    @property
+    def level0(self) -> PixelSize:
+        """Level-0 pixel size along x and y."""
+        if self.pixel_size is None or self.pixel_size.is_square:
+            return PixelSize.square(self.slide_mpp_um)
+        return self.pixel_size
+
+    @property
+    def pitch_xy(self) -> tuple[float, float]:
+        """Grid pitch (= tile side) in level-0 px along x and y; ``tile_level0_px`` both ways
+        for square pixels."""
+        if self.pixel_size is None or self.pixel_size.is_square:
+            t = float(self.tile_level0_px)  # type: ignore[arg-type]
+            return t, t
+        return self.pixel_size.px(self.tile_um)
+
+    def level0_to_um(self, x: Any, y: Any) -> tuple[Any, Any]:
+        """Level-0 px (numbers or arrays) -> micrometres, per axis."""
+        return self.level0.to_um(x, y)
 
     @property
     def tile_area_um2(self) -> float:
@@ -136,7 +167,10 @@ class TileGrid:
         from tmequant.store import SlideStore
 
         store = store_or_path if isinstance(store_or_path, SlideStore) else SlideStore(store_or_path)
-        card = _card_dict(store.prediction_attrs(model_name).get("card"), store.path, model_name)
+        card = store.prediction_card(model_name)
+        if "tissue_classes" not in card:
+            raise StoreError(f"predictions of {model_name!r} have no valid model card "
+                             "(attribute 'card')", store.path)
         tissue_classes = list(card.get("tissue_classes") or [])
         tissue_roles = dict(card.get("tissue_roles") or {})
         if not store.has_tissue_probs(model_name):
@@ -187,7 +221,7 @@ class TileGrid:
                    slide_mpp_um=store.slide_mpp_um, tile_level0_px=store.tile_level0_px,
                    role_probs=role_probs, tissue_fraction=store.tissue_fraction,
                    lymphocyte_counts=lymph, tumor_cell_counts=tumor, count_source=source,
-                   metadata=meta)
+                   metadata=meta, pixel_size=store.pixel_size)
         if cells is not None:
             grid = grid.with_cells(cells, cell_role_map)
         return grid
@@ -196,10 +230,13 @@ class TileGrid:
     def from_table(cls, df: pd.DataFrame, tile_um: float, slide_mpp_um: float,
                    class_roles: Mapping[str, str] | None = None,
                    tile_level0_px: float | None = None,
-                   metadata: Mapping[str, Any] | None = None) -> TileGrid:
+                   metadata: Mapping[str, Any] | None = None,
+                   pixel_size: PixelSize | None = None) -> TileGrid:
         """Grid from a caller's per-tile table (one row per tile).
 
         Position: ``row, col`` columns, or ``x, y`` (level-0 px of the top-left corner).
+        ``pixel_size``: x and y sizes of a slide with non-square pixels (``slide_mpp_um``
+        then their geometric mean, ``pixel_size.mean_um``).
         Probabilities: with ``class_roles`` (class column -> role) the class columns are
         summed per role; otherwise columns named ``<role>`` or ``prob_<role>``.
         Optional: ``tissue_fraction`` (default 1), ``lymphocyte_count``, ``tumor_cell_count``
@@ -207,11 +244,12 @@ class TileGrid:
         """
         cols = set(map(str, df.columns))
         l0 = tile_level0_px or tile_um / slide_mpp_um
+        lx, ly = (l0, l0) if pixel_size is None or pixel_size.is_square else pixel_size.px(tile_um)
         if {"row", "col"} <= cols:
             rows, cs = df["row"].to_numpy(), df["col"].to_numpy()
         elif {"x", "y"} <= cols:
-            rows = np.floor(df["y"].to_numpy(dtype=float) / l0 + 1e-6).astype(np.int64)
-            cs = np.floor(df["x"].to_numpy(dtype=float) / l0 + 1e-6).astype(np.int64)
+            rows = np.floor(df["y"].to_numpy(dtype=float) / ly + 1e-6).astype(np.int64)
+            cs = np.floor(df["x"].to_numpy(dtype=float) / lx + 1e-6).astype(np.int64)
         else:
             raise InputError("tile table needs row/col or x/y columns")
         role_probs: dict[str, np.ndarray] = {}
@@ -235,15 +273,13 @@ class TileGrid:
                    tile_level0_px=l0, role_probs=role_probs, tissue_fraction=tf,
                    lymphocyte_counts=lymph, tumor_cell_counts=tumor,
                    count_source="model" if lymph is not None else None,
-                   metadata=dict(metadata or {}))
+                   metadata=dict(metadata or {}), pixel_size=pixel_size)
 
     def with_cells(self, cells: pd.DataFrame, cell_role_map: Mapping[str, str] | None = None,
                    source: str = "cell_table") -> TileGrid:
         """A copy whose counts come from a cell table (count_source ``source``: ``cell_table``
         for a user's table, ``model_cells`` for a detector's cells)."""
         from dataclasses import replace
-
-        from tmequant.biomarkers.aggregate import counts_from_cells
 
         _check_cells_on_slide(cells, self.metadata)
         lymph, tumor, outside = counts_from_cells(self, cells, cell_role_map)
@@ -272,18 +308,6 @@ def _check_cells_on_slide(cells: pd.DataFrame, meta: Mapping[str, Any]) -> None:
                 "counted", src, n_off, len(cells), w, h)
 
 
-def _card_dict(card: Any, path: str, model_name: str) -> dict[str, Any]:
-    if isinstance(card, str):
-        try:
-            card = json.loads(card)
-        except ValueError:
-            card = None
-    if not isinstance(card, dict) or "tissue_classes" not in card:
-        raise StoreError(f"predictions of {model_name!r} have no valid model card (attribute 'card')",
-                         path)
-    return card
-
-
 def _sum_by_role(values: np.ndarray, classes: list[str], roles: Mapping[str, str],
                  path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """(N, K) per-class values -> role -> (N,) sums over the classes with that role."""
@@ -294,3 +318,68 @@ def _sum_by_role(values: np.ndarray, classes: list[str], roles: Mapping[str, str
             raise StoreError(f"model card maps no role to class {c!r}", str(path))
         out[r] = out.get(r, 0) + values[:, k].astype(np.float64)
     return out
+
+
+# --- grid helpers ----------------------------------------------------------------------
+@dataclass
+class DenseGrid:
+    """A (rows, cols) raster holding the tiles, padded by ``pad`` cells on each side.
+
+    origin: (row, col) on the slide grid of raster cell (0, 0); r, c: (N,) raster index of
+    each tile; has_tile: (R, C) bool.
+    """
+
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    r: np.ndarray
+    c: np.ndarray
+    has_tile: np.ndarray
+
+    @classmethod
+    def of(cls, rows: np.ndarray, cols: np.ndarray, pad: int) -> DenseGrid:
+        if rows.size == 0:
+            return cls((0, 0), (2 * pad + 1, 2 * pad + 1), rows.astype(np.int64),
+                       cols.astype(np.int64), np.zeros((2 * pad + 1, 2 * pad + 1), bool))
+        r0, c0 = int(rows.min()) - pad, int(cols.min()) - pad
+        shape = (int(rows.max()) - r0 + pad + 1, int(cols.max()) - c0 + pad + 1)
+        r, c = rows - r0, cols - c0
+        has = np.zeros(shape, dtype=bool)
+        has[r, c] = True
+        return cls((r0, c0), shape, r, c, has)
+
+    def paint(self, values: np.ndarray, fill: Any = 0) -> np.ndarray:
+        """(N,) per-tile values -> (R, C) raster (``fill`` where there is no tile)."""
+        values = np.asarray(values)
+        out = np.full(self.shape, fill, dtype=values.dtype)
+        out[self.r, self.c] = values
+        return out
+
+    def sample(self, raster: np.ndarray) -> np.ndarray:
+        """(R, C) raster -> (N,) values at the tiles."""
+        return raster[self.r, self.c]
+
+
+def counts_from_cells(grid: TileGrid, cells: pd.DataFrame,
+                      role_map: Mapping[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bin a cell table (x, y level-0 px; ``class`` or ``role``) onto the grid's tiles.
+
+    Returns (lymphocytes (N,), tumour cells (N,), number of cells outside every tile).
+    """
+    role = cells["role"].to_numpy() if "role" in cells else cell_roles(cells["class"], role_map)
+    sx, sy = grid.pitch_xy  # level-0 px per tile along x and y
+    r = np.floor(cells["y"].to_numpy(dtype=np.float64) / sy).astype(np.int64)
+    c = np.floor(cells["x"].to_numpy(dtype=np.float64) / sx).astype(np.int64)
+    n = grid.n_tiles
+    if n == 0:
+        return np.zeros(0), np.zeros(0), len(cells)
+    dense = DenseGrid.of(grid.rows, grid.cols, 0)
+    idx = np.full(dense.shape, -1, dtype=np.int64)
+    idx[dense.r, dense.c] = np.arange(n)
+    rr, cc = r - dense.origin[0], c - dense.origin[1]
+    inside = (rr >= 0) & (cc >= 0) & (rr < dense.shape[0]) & (cc < dense.shape[1])
+    tile = np.full(r.shape, -1, dtype=np.int64)
+    tile[inside] = idx[rr[inside], cc[inside]]
+    ok = tile >= 0
+    lymph = np.bincount(tile[ok & (role == "lymphocyte")], minlength=n).astype(np.float64)
+    tumor = np.bincount(tile[ok & (role == "tumor_cell")], minlength=n).astype(np.float64)
+    return lymph, tumor, int((~ok).sum())

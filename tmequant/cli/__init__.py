@@ -9,18 +9,18 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from tmequant.cli._app import app
-from tmequant.errors import TmequantError
+from tmequant.cli import biomarkers as _biomarkers  # noqa: F401,E402
+from tmequant.cli import demo as _demo  # noqa: F401,E402
+from tmequant.cli import models as _models  # noqa: F401,E402
+from tmequant.cli import predict as _predict  # noqa: F401,E402
+from tmequant.cli import run as _run  # noqa: F401,E402
 
 # Each verb registers itself on `app` when imported.
 from tmequant.cli import tile as _tile  # noqa: F401,E402
-from tmequant.cli import biomarkers as _biomarkers  # noqa: F401,E402
-from tmequant.cli import predict as _predict  # noqa: F401,E402
-from tmequant.cli import models as _models  # noqa: F401,E402
 from tmequant.cli import train as _train  # noqa: F401,E402
-from tmequant.cli import run as _run  # noqa: F401,E402
-from tmequant.cli import demo as _demo  # noqa: F401,E402
 from tmequant.cli import verify as _verify  # noqa: F401,E402
+from tmequant.cli._app import app
+from tmequant.errors import TmequantError
 
 __all__ = ["app", "main"]
 

@@ -13,7 +13,8 @@ from typing import NoReturn
 
 import typer
 
-from tmequant.batch import BatchResult
+from tmequant.batch import BatchResult, write_failures_csv
+from tmequant.defaults import MPP_MAX_UM, MPP_MIN_UM
 from tmequant.progress import set_progress_enabled
 
 app = typer.Typer(
@@ -76,26 +77,22 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def finish_batch(batch: BatchResult, what: str, out_dir: Path | None = None) -> None:
-    """Print the batch summary, name each failure, and exit 1 if any slide failed."""
+    """Print the batch summary, name each failure, and exit 1 if any slide failed.
+
+    ``out_dir``: also write ``<out_dir>/failures.csv`` when any failed.
+    """
     n_ok, n_bad = len(batch.results), len(batch.failures)
     typer.echo(f"{what}: {n_ok} succeeded, {n_bad} failed", err=True)
     for f in batch.failures:
         typer.echo(f"  FAILED {f.item_id} [{f.stage}]: {f.reason}", err=True)
     if out_dir is not None and batch.failures:
-        import csv
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "failures.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["slide_id", "stage", "reason"])
-            for f in batch.failures:
-                w.writerow([f.item_id, f.stage, f.reason])
+        write_failures_csv(out_dir, batch.failures)
     if n_bad:
         raise typer.Exit(1)
 
 
-MPP_OVERRIDE_HELP = ("Level-0 pixel size, um/px (0.05-20), for slides whose file has no usable "
-                     "MPP; slides with one keep theirs (see --mpp-override-all). A manifest "
+MPP_OVERRIDE_HELP = (f"Level-0 pixel size, um/px ({MPP_MIN_UM}-{MPP_MAX_UM:g}), for slides whose "
+                     "file has no usable MPP; slides with one keep theirs (see --mpp-override-all). A manifest "
                      "`mpp` column wins per slide. Default: none (every file's own MPP).")
 MPP_OVERRIDE_ALL_HELP = "Apply --mpp-override to every slide, replacing the MPP their files record."
 

@@ -2,42 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import typer
 
 from tmequant.cli._app import app, fail, finish_batch
 from tmequant.domain import DEFAULT_MODEL
-
-
-def expand_stores(args: list[str]) -> list[str]:
-    """Store paths from arguments: ``x.zarr`` stores, folders of ``*.zarr``, glob patterns.
-
-    A path that does not exist is kept (it fails on its own, the others still run);
-    a folder or glob that holds no store is a usage error.
-    """
-    from tmequant.errors import InputError
-
-    out: list[str] = []
-    for a in args:
-        p = Path(a)
-        if "://" in a or a.rstrip("/").endswith(".zarr") or (p / "zarr.json").exists():
-            out.append(a.rstrip("/") if "://" not in a else a)
-        elif p.is_dir():
-            found = sorted(str(q) for q in p.glob("*.zarr") if (q / "zarr.json").exists())
-            if not found:
-                raise InputError("folder holds no slide stores (*.zarr)", p)
-            out.extend(found)
-        elif any(ch in a for ch in "*?["):
-            found = sorted(glob.glob(a))
-            if not found:
-                raise InputError(f"pattern {a!r} matches no slide store")
-            out.extend(found)
-        else:
-            out.append(a)
-    seen: set[str] = set()
-    return [s for s in out if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
+from tmequant.inputs import expand_stores, store_id
 
 
 def _is_phantom_store(path: str) -> bool:
@@ -49,11 +20,6 @@ def _is_phantom_store(path: str) -> bool:
         return is_phantom_slide(SlideStore(path).attrs.get("source_path"))
     except Exception:  # noqa: BLE001 - a store that cannot be read fails later with its reason
         return False
-
-
-def store_id(path: str) -> str:
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".zarr")
 
 
 @app.command("predict")

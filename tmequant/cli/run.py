@@ -71,19 +71,10 @@ def run_cmd(
 
     A model trained on synthetic phantoms or untrained gives numbers that mean nothing on real tissue: run warns, and the report says so. Each slide's qc_flags column says what to check (thresholds: [qc] section).
     """
-    from dataclasses import replace
-
-    from tmequant.errors import InputError
     from tmequant.inputs import expand_slides
-    from tmequant.params import (
-        biomarker_params_from_file,
-        dataclass_from_mapping,
-        load_params_file,
-        nucleus_counter_params_from_file,
-    )
-    from tmequant.pipeline import get_model, run_batch
+    from tmequant.params import biomarker_params_from_file, nucleus_counter_params_from_file
+    from tmequant.pipeline import get_model, resolve_tiling_params, run_batch
     from tmequant.report.qc import qc_params_from_file
-    from tmequant.tiling.tile import TilingParams
 
     if counter not in ("on", "off"):
         fail(f"--counter {counter!r}: use on or off", 2)
@@ -98,22 +89,12 @@ def run_cmd(
     # Every usage problem (params file, slides, model) stops here, before any work.
     bp = biomarker_params_from_file(params)
     ncp = nucleus_counter_params_from_file(params) if counter == "on" else False
-    sections = load_params_file(params) if params is not None else {}
     qc = qc_params_from_file(params)
     if mpp_override is None and mpp_override_all:
         fail("--mpp-override-all needs --mpp-override X", 2)
     card = get_model(model).card
     specs = apply_mpp_override(expand_slides(slides), mpp_override, mpp_override_all)
-    base = TilingParams(target_mpp_um=card.mpp_um, tile_px=card.tile_px)
-    if "tiling" in sections:
-        base = dataclass_from_mapping(TilingParams, sections["tiling"], params or "<params>", "tiling",
-                                      base=base)
-    try:
-        if mpp is not None:
-            base = replace(base, target_mpp_um=mpp)
-        tiling = replace(base, tile_px=tile_px) if tile_px is not None else base
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    tiling = resolve_tiling_params(card, params, {"target_mpp_um": mpp, "tile_px": tile_px})
 
     res = run_batch(specs, out, model, tiling=tiling, params=bp, counter=ncp, cells_dir=cells_dir,
                     device=device, batch_size=batch_size, workers=workers, scheduler=scheduler,

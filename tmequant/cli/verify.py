@@ -15,7 +15,7 @@ def verify_cmd(
     its checksum. Prints one line per problem (store, array, chunk); exit 0 when all are sound,
     1 when any is broken, 2 for bad usage.
     """
-    from tmequant.cli.predict import expand_stores
+    from tmequant.inputs import expand_stores
     from tmequant.store import verify_store
 
     paths = expand_stores(stores)

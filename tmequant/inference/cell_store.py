@@ -121,7 +121,9 @@ def run_detector_chunks(
     coords = st.coords.astype(np.float64)
     frac = st.tissue_fraction.astype(np.float64)
     area_um2 = frac * st.tile_um ** 2
-    scale = st.tile_level0_px / t  # level-0 px per stored px
+    # level-0 px per stored px, along x and y (they differ on non-square pixels)
+    tx, ty = st.tile_level0_xy_px
+    sx, sy = tx / t, ty / t
     roles = [card.cell_roles.get(c, "other") for c in card.cell_classes]
     n_cls = card.n_cell
     n_todo = sum(min((c + 1) * chunk_rows, n) - c * chunk_rows for c in todo)
@@ -143,8 +145,8 @@ def run_detector_chunks(
                 lx, ly = pk["x"] - margin, pk["y"] - margin
                 inside = (lx >= 0) & (lx < t) & (ly >= 0) & (ly < t)
                 ti = idx[pk["b"][inside]]
-                cx.append(coords[ti, 0] + lx[inside] * scale)
-                cy.append(coords[ti, 1] + ly[inside] * scale)
+                cx.append(coords[ti, 0] + lx[inside] * sx)
+                cy.append(coords[ti, 1] + ly[inside] * sy)
                 ccls.append(pk["cls"][inside])
                 csc.append(pk["score"][inside])
                 ctile.append(ti.astype(np.int32))

@@ -10,7 +10,6 @@ a tile border is counted exactly once.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import pandas as pd
 import torch
 
 from tmequant.errors import InputError
+from tmequant.inference.runner import DeviceNet
 from tmequant.models.card import ModelCard
 from tmequant.models.detector import peaks_table
 
@@ -25,27 +25,17 @@ PAD_VALUE = 255  # glass: what lies beyond an image or a slide's tissue tiles
 ALIGN_PX = 32  # input sides are padded to a multiple of the backbone's largest stride
 
 
-class HeatmapRunner:
+class HeatmapRunner(DeviceNet):
     """uint8 NHWC on the device -> (B, C, h, w) heatmaps in 0-1 (sigmoid), fp32."""
 
     def __init__(self, net: torch.nn.Module, card: ModelCard, device: torch.device,
                  amp: torch.dtype | None = None):
-        self.card, self.device, self.amp = card, device, amp
-        self.net = net.to(device).eval()
-        std = torch.tensor(card.std, dtype=torch.float32, device=device)
-        mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
-        # (x / 255 - mean) / std == x * scale + shift
-        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
-        self.shift = (-mean / std).view(1, 3, 1, 1)
+        super().__init__(net, card, device, amp=amp)
 
-    @torch.inference_mode()
     def __call__(self, x_u8: torch.Tensor) -> torch.Tensor:
-        x = x_u8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = x.mul_(self.scale).add_(self.shift)
-        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
-        with ctx:
-            out = self.net(x)["heatmap_logits"]
-        return out.float().sigmoid()
+        logits = self.forward(x_u8)["heatmap_logits"]
+        with torch.inference_mode():
+            return logits.float().sigmoid()
 
 
 def pad_to(rgb: np.ndarray, multiple: int = ALIGN_PX, min_side: int = 0) -> np.ndarray:

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tmequant._faults import checkpoint
 from tmequant.errors import InputError, StoreError
 from tmequant.inference.cell_store import run_detector_chunks
+from tmequant.inference.runner import DeviceNet, autocast_dtype, precision_name, resolve_device
 from tmequant.models import LoadedModel, ModelCard, TmeNet, load_model
 from tmequant.models.stain import normalize_batch
 from tmequant.progress import ProgressBar
@@ -46,6 +46,17 @@ CHUNK_ROWS = 1024  # tiles per output chunk (the resume unit)
 MPP_REL_TOL = 0.01  # card and store MPP may differ by 1% (rounding in vendor metadata)
 CPU_BATCH = 32
 CUDA_BATCH = 256
+# The default batch is a pixel budget, not a tile count: activations grow with tile area, so
+# 32 tiles of 224 px and 1 tile of 1024 px cost about the same (a 2048 px card at batch 32
+# needed 13 GB on the CPU).
+REF_TILE_PX = 224
+
+
+def default_batch_size(device_type: str, tile_px: int) -> int:
+    """Tiles per batch on ``device_type`` ("cpu" | "cuda") for ``tile_px`` inputs: 32 (CPU) or
+    256 (CUDA) tiles of 224 px, fewer for larger tiles (same pixels per batch), at least 1."""
+    base = CUDA_BATCH if device_type == "cuda" else CPU_BATCH
+    return max(1, min(base, base * REF_TILE_PX * REF_TILE_PX // (tile_px * tile_px)))
 
 
 @dataclass
@@ -62,44 +73,6 @@ class PredictResult:
     n_computed: int = 0  # tiles computed in this call
     precision: str = "fp32"
     batch_size: int = 0
-
-
-# --- device and precision ------------------------------------------------------------------
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> the first CUDA GPU if any, else the CPU; ``cuda:N`` is checked to exist."""
-    if isinstance(device, torch.device):
-        dev = device
-    else:
-        s = str(device).strip().lower()
-        if s == "auto":
-            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-                else torch.device("cpu")
-        try:
-            dev = torch.device(s)
-        except RuntimeError:
-            raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
-        idx = 0 if dev.index is None else dev.index
-        if idx >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
-        return torch.device("cuda", idx)
-    if dev.type not in ("cpu", "mps"):
-        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-    return dev
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on GPUs that support it, else fp16; None (fp32) on the CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 # --- reading tiles -------------------------------------------------------------------------
@@ -149,33 +122,20 @@ def _batch_ranges(chunks: list[int], n_tiles: int, chunk_rows: int, batch: int) 
 
 # --- the model on the device ---------------------------------------------------------------
 
-class _Runner:
-    """Normalise uint8 NHWC on the device, run the net, return fp32 probs/counts on device."""
+class _Runner(DeviceNet):
+    """uint8 NHWC -> fp32 tissue probabilities (and counts) on the device; the net runs
+    ``channels_last`` under the device's autocast dtype."""
 
     def __init__(self, net: TmeNet, card: ModelCard, device: torch.device, compile: bool):
-        self.device = device
-        self.amp = autocast_dtype(device)
-        net = net.to(device).eval()
-        if device.type != "mps":
-            net = net.to(memory_format=torch.channels_last)
-        self.net: Any = torch.compile(net) if compile else net
-        # (x / 255 - mean) / std == x * scale + shift, folded into one fused op.
-        std = torch.tensor(card.std, dtype=torch.float32, device=device)
-        mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
-        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
-        self.shift = (-mean / std).view(1, 3, 1, 1)
+        super().__init__(net, card, device, amp=autocast_dtype(device), channels_last=True,
+                         compile=compile)
 
-    @torch.inference_mode()
     def __call__(self, x_u8: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = x_u8.to(self.device, non_blocking=True)
-        # NHWC -> NCHW view: its strides are already channels_last, no copy.
-        x = x.permute(0, 3, 1, 2).float().mul_(self.scale).add_(self.shift)
-        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
-        with ctx:
-            out = self.net(x)
-        res = {"tissue_probs": out["tissue_logits"].float().softmax(dim=1)}
-        if "cell_counts" in out:
-            res["cell_counts"] = out["cell_counts"].float()
+        out = self.forward(x_u8)
+        with torch.inference_mode():
+            res = {"tissue_probs": out["tissue_logits"].float().softmax(dim=1)}
+            if "cell_counts" in out:
+                res["cell_counts"] = out["cell_counts"].float()
         return res
 
 
@@ -264,8 +224,8 @@ def predict_store(
     """Predict every tile of a finished store into ``predictions/<card.name>``.
 
     ``model``: a LoadedModel, a TmeNet, or a name/path for :func:`tmequant.models.load_model`
-    (the network is moved to ``device``). ``batch_size`` None: 32 on the CPU, 256 on CUDA
-    (halved on out-of-memory). ``num_workers`` None: 1 reader on the CPU, up to 8 on CUDA.
+    (the network is moved to ``device``). ``batch_size`` None: 32 on the CPU, 256 on CUDA for
+    224 px tiles, fewer for larger tiles (:func:`default_batch_size`; halved on out-of-memory). ``num_workers`` None: 1 reader on the CPU, up to 8 on CUDA.
     ``progress``: True/False, or None to follow the process-wide switch (the CLI's --quiet).
     ``max_chunks`` stops after that many chunks without marking the group complete (for
     tests and for spreading work); a later call resumes. Returns a :class:`PredictResult`.
@@ -283,7 +243,7 @@ def predict_store(
         raise StoreError(f"{IMAGES} has shape {images.shape}, expected ({n}, H, W, 3)", path)
     if chunk_rows < 1:
         raise InputError("chunk_rows must be >= 1")
-    bs = batch_size or (CUDA_BATCH if dev.type == "cuda" else CPU_BATCH)
+    bs = batch_size or default_batch_size(dev.type, int(images.shape[1]))
     if bs < 1:
         raise InputError(f"--batch-size {bs}: must be >= 1")
     bs = min(bs, chunk_rows)
@@ -294,7 +254,7 @@ def predict_store(
         "store_params_hash": store.params_hash,
         "store_fingerprint": store.source_fingerprint,
         "n_tiles": n,
-        "precision": _precision_name(amp),  # bf16 and fp32 results differ: never mixed
+        "precision": precision_name(amp),  # bf16 and fp32 results differ: never mixed
     }
     phash = params_hash(provenance)
     attrs = {
@@ -323,7 +283,7 @@ def _predict_locked(
     done_already, resumed = _prepare_group(st, card.name, n, card, phash, attrs, chunk_rows,
                                            overwrite)
     result = PredictResult(path, card.name, n, 0.0, str(dev), resumed=resumed,
-                           precision=_precision_name(amp), batch_size=bs)
+                           precision=precision_name(amp), batch_size=bs)
     if done_already:
         log.info("%s: predictions of %s already complete (params_hash %s); skipping",
                  path, card.name, phash)

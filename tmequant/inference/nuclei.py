@@ -386,11 +386,13 @@ class CountResult:
         return self.n_tiles / self.seconds if self.computed and self.seconds > 0 else float("nan")
 
 
-def _cells_frame(r: _Regions, start: int, coords: np.ndarray, scale: float) -> pd.DataFrame:
+def _cells_frame(r: _Regions, start: int, coords: np.ndarray,
+                 scale: tuple[float, float]) -> pd.DataFrame:
+    """Cells of ``r`` in level-0 px; ``scale``: level-0 px per stored px along x and y."""
     ti = r.tile + start
     return pd.DataFrame({
-        "x": coords[ti, 0] + r.x_px * scale,
-        "y": coords[ti, 1] + r.y_px * scale,
+        "x": coords[ti, 0] + r.x_px * scale[0],
+        "y": coords[ti, 1] + r.y_px * scale[1],
         "class": np.where(r.is_lymphocyte, COLUMNS[0], COLUMNS[1]),
         "tile_index": ti.astype(np.int64),
         "area_um2": r.area_um2,
@@ -467,7 +469,9 @@ def _count_locked(st: SlideStore, params: NucleusCounterParams, phash: str, work
         log.warning("%s: tiles are at %.2f um/px; the nucleus counter's defaults are calibrated at "
                     "0.25-0.5 um/px and undercount lymphocytes on coarser tiles: tune "
                     "[nucleus_counter] in a params file", store.slide_id, mpp)
-    scale = store.tile_level0_px / store.tile_px  # level-0 px per stored px
+    # level-0 px per stored px along x and y (they differ on non-square pixels)
+    tx, ty = store.tile_level0_xy_px
+    scale = (tx / store.tile_px, ty / store.tile_px)
     coords = store.coords
     images = store.images
     workers = workers or min(2, os.cpu_count() or 1)

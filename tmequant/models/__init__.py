@@ -22,11 +22,10 @@ from tmequant.models.io import (
     LoadedModel,
     import_state_dict,
     load_folder,
-    load_model,
     load_state_into,
     save_model,
 )
-from tmequant.models.registry import ModelInfo, get_card, list_models, random_card
+from tmequant.models.registry import ModelInfo, get_card, list_models, load_model, random_card
 from tmequant.models.stain import MacenkoNormalizer, macenko_fit, macenko_normalize
 
 __all__ = [

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tmequant.defaults import MPP_UM, TILE_PX
 from tmequant.domain import (  # noqa: F401 - re-exported: the card's domain helpers
     DOMAIN_SYNTHETIC,
     DOMAIN_UNKNOWN,
@@ -165,8 +166,10 @@ class ModelCard(BaseModel):
     name: str = Field(description="model name; also the predictions/<name> group in the store")
     version: str = Field(default="0.1.0", description="model version")
     arch: str = Field(description="timm architecture name, e.g. efficientnet_lite0")
-    tile_px: int = Field(default=224, gt=0, le=8192, description="input tile side in pixels")
-    mpp_um: float = Field(default=0.5, gt=0, le=100, description="microns per pixel of the input tiles")
+    # Memory grows with tile area: one tile per batch peaks at 1.9 GB (2048 px) and 5.1 GB
+    # (4096 px) with efficientnet_lite0 on the CPU; 1024 px keeps any card under 2 GB.
+    tile_px: int = Field(default=TILE_PX, gt=0, le=1024, description="input tile side in pixels")
+    mpp_um: float = Field(default=MPP_UM, gt=0, le=100, description="microns per pixel of the input tiles")
     mean: tuple[float, float, float] = Field(default=(0.485, 0.456, 0.406), description="RGB mean, 0-1 scale")
     std: tuple[float, float, float] = Field(default=(0.229, 0.224, 0.225), description="RGB std, 0-1 scale")
     tissue_classes: list[str] = Field(min_length=1, description="tissue head classes, in logit order")

@@ -62,7 +62,7 @@ def save_model(folder: str | os.PathLike[str], model: nn.Module, card: ModelCard
     return out
 
 
-def _looks_pickled(path: Path) -> bool:
+def looks_pickled(path: Path) -> bool:
     """A zip (torch.save) or raw pickle file, judged by its first bytes."""
     try:
         with open(path, "rb") as fh:
@@ -72,7 +72,7 @@ def _looks_pickled(path: Path) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
-def _refuse_pickle(path: Path) -> ModelError:
+def refuse_pickle(path: Path) -> ModelError:
     return ModelError(
         "pickle checkpoints are never loaded; convert it once with `tmequant models import "
         f"{path.name} --card model.json --out MODEL_DIR` (a plain state dict)",
@@ -112,43 +112,18 @@ def load_folder(folder: str | os.PathLike[str], device: str | torch.device = "cp
     if not wpath.exists():
         pickles = [p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
-            raise _refuse_pickle(pickles[0])
+            raise refuse_pickle(pickles[0])
         raise ModelError(f"no {WEIGHTS_FILE} next to the card", d)
     try:
         tensors = load_file(str(wpath), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        if _looks_pickled(wpath):
-            raise _refuse_pickle(wpath) from None
+        if looks_pickled(wpath):
+            raise refuse_pickle(wpath) from None
         raise ModelError(f"not a readable safetensors file: {e}", wpath) from None
     model = create_model(card, pretrained=False)
     load_state_into(model, tensors, wpath)
     model.to(device).eval()
     return LoadedModel(model=model, card=card, source=str(d.resolve()))
-
-
-def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model by folder path, card/weights file path, registry name or ``hf-hub:org/name``.
-
-    Pickle files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``...) are refused with the
-    ``tmequant models import`` command that converts them.
-    """
-    from tmequant.models import registry
-
-    s = str(name_or_path)
-    if s.startswith("hf-hub:"):
-        return load_folder(registry.fetch_hf(s[len("hf-hub:"):]), device)
-    p = Path(s).expanduser()
-    if p.exists():
-        if p.is_dir():
-            return load_folder(p, device)
-        if p.suffix.lower() in PICKLE_SUFFIXES or _looks_pickled(p):
-            raise _refuse_pickle(p)
-        if p.name in (CARD_FILE, WEIGHTS_FILE) or p.suffix in (".json", ".safetensors"):
-            return load_folder(p.parent, device)
-        raise ModelError("not a model folder, model.json or model.safetensors", p)
-    if p.suffix.lower() in PICKLE_SUFFIXES or os.sep in s:
-        raise registry.UnknownModelError("no such model file or folder", p)
-    return registry.load_registered(s, device)
 
 
 # --- explicit conversion of a plain state dict ------------------------------------------

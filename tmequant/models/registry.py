@@ -17,10 +17,18 @@ from pathlib import Path
 
 import torch
 
+from tmequant.defaults import MPP_UM, TILE_PX
 from tmequant.domain import DEFAULT_MODEL as _DEFAULT_MODEL
 from tmequant.errors import ModelError
-from tmequant.models.card import CARD_FILE, ModelCard
+from tmequant.models.card import CARD_FILE, WEIGHTS_FILE, ModelCard
 from tmequant.models.factory import create_model
+from tmequant.models.io import (
+    PICKLE_SUFFIXES,
+    LoadedModel,
+    load_folder,
+    looks_pickled,
+    refuse_pickle,
+)
 from tmequant.roles import CELL_ROLES, TISSUE_ROLES
 
 RANDOM_PREFIX = "random-"
@@ -47,7 +55,7 @@ class ModelInfo:
     domain: str = "unknown"
 
 
-def random_card(arch: str, tile_px: int = 224, mpp_um: float = 0.5) -> ModelCard:
+def random_card(arch: str, tile_px: int = TILE_PX, mpp_um: float = MPP_UM) -> ModelCard:
     """Card of the untrained ``random-<arch>`` model: one class per role, identity role maps."""
     import timm
 
@@ -75,8 +83,6 @@ def random_card(arch: str, tile_px: int = 224, mpp_um: float = 0.5) -> ModelCard
 
 def build_random(arch: str):
     """The seeded, untrained ``random-<arch>`` network and its card (same weights every call)."""
-    from tmequant.models.io import LoadedModel
-
     card = random_card(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
@@ -145,8 +151,6 @@ def _unknown(name: str) -> ModelError:
 
 def load_registered(name: str, device: str | torch.device = "cpu"):
     """Load a registered model by name."""
-    from tmequant.models.io import load_folder
-
     folders = _folders()
     if name in folders:
         return load_folder(folders[name], device)
@@ -170,3 +174,26 @@ def fetch_hf(repo_id: str) -> Path:
         raise ModelError(f"hf-hub:{repo_id}: cannot fetch from the Hugging Face hub "
                          f"(offline or no such repo): {first[:200]}") from None
     return Path(path)
+
+
+def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model by folder path, card/weights file path, registry name or ``hf-hub:org/name``.
+
+    Pickle files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``...) are refused with the
+    ``tmequant models import`` command that converts them.
+    """
+    s = str(name_or_path)
+    if s.startswith("hf-hub:"):
+        return load_folder(fetch_hf(s[len("hf-hub:"):]), device)
+    p = Path(s).expanduser()
+    if p.exists():
+        if p.is_dir():
+            return load_folder(p, device)
+        if p.suffix.lower() in PICKLE_SUFFIXES or looks_pickled(p):
+            raise refuse_pickle(p)
+        if p.name in (CARD_FILE, WEIGHTS_FILE) or p.suffix in (".json", ".safetensors"):
+            return load_folder(p.parent, device)
+        raise ModelError("not a model folder, model.json or model.safetensors", p)
+    if p.suffix.lower() in PICKLE_SUFFIXES or os.sep in s:
+        raise UnknownModelError("no such model file or folder", p)
+    return load_registered(s, device)

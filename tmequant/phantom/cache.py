@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tmequant.domain import truth_dir_for
+
 log = logging.getLogger("tmequant")
 
 
@@ -33,7 +35,6 @@ def default_cache_dir() -> Path:
 def verified_truth(slide: Path, key: str) -> dict[str, Any] | None:
     """``truth.json`` of ``slide`` when it was made under generator ``key`` and the slide's
     content still has the recorded fingerprint (sha256 of the whole file), else None."""
-    from tmequant.phantom.generate import truth_dir_for
     from tmequant.provenance import file_fingerprint
 
     try:
@@ -46,8 +47,6 @@ def verified_truth(slide: Path, key: str) -> dict[str, Any] | None:
 
 
 def _copy_phantom(src_dir: Path, name: str, dst_dir: Path) -> None:
-    from tmequant.phantom.generate import truth_dir_for
-
     dst_dir.mkdir(parents=True, exist_ok=True)
     slide = dst_dir / f"{name}.svs"
     tdir = truth_dir_for(slide)

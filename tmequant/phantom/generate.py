@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tmequant.domain import truth_dir_for  # re-exported: phantoms are where it is used
 from tmequant.phantom.layout import PhantomLayout, make_layout
 from tmequant.phantom.render import PhantomRenderer
 from tmequant.phantom.spec import CELL_CLASSES, CLASS_NAMES, CLASS_ROLES, PhantomSpec
@@ -90,12 +91,6 @@ class PhantomTruth:
     @property
     def tls_count(self) -> int:
         return int(self.biomarkers["tls_count"])
-
-
-def truth_dir_for(slide_path: str | os.PathLike[str]) -> Path:
-    """Folder of a phantom's truth files: ``<name>.truth/`` next to ``<name>.svs``."""
-    p = Path(slide_path)
-    return p.with_name(p.stem + ".truth")
 
 
 def generate_phantom(spec: PhantomSpec, out_dir: str | os.PathLike[str], params: Any = None,

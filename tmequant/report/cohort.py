@@ -26,9 +26,10 @@ import numpy as np
 import pandas as pd
 
 from tmequant._faults import checkpoint
+from tmequant.atomic import atomic_write_bytes, atomic_write_text
 from tmequant.report.html import write_html_report
 from tmequant.report.slide import slide_figures, slide_section
-from tmequant.report.tables import CSV_FLOAT_FORMAT, write_cohort_table
+from tmequant.report.tables import CSV_FLOAT_FORMAT, parquet_bytes, write_cohort_table
 
 log = logging.getLogger("tmequant")
 
@@ -93,25 +94,18 @@ def write_tls_table(tables: Iterable[pd.DataFrame], out_dir: str | os.PathLike[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, pq_path = out / f"{stem}.csv", out / f"{stem}.parquet"
-    tmp_csv, tmp_pq = out / f".{stem}.csv.tmp", out / f".{stem}.parquet.tmp"
-    df.to_csv(tmp_csv, index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n")
-    df.to_parquet(tmp_pq, index=False)
-    os.replace(tmp_csv, csv_path)
-    os.replace(tmp_pq, pq_path)
+    atomic_write_text(csv_path, df.to_csv(index=False, float_format=CSV_FLOAT_FORMAT,
+                                          lineterminator="\n"))
+    atomic_write_bytes(pq_path, parquet_bytes(df))
     return csv_path, pq_path
 
 
 def _stored_card(store: Any, model_name: str) -> dict[str, Any] | None:
     """The model card stored with the slide's predictions, as a dict (None when unreadable)."""
-    import json
-
     try:
-        card: Any = store.predictions(model_name).attrs.get("card") or {}
+        return dict(store.prediction_card(model_name))
     except Exception:  # noqa: BLE001 - a caller's stand-in store: no card, no domain
         return None
-    if isinstance(card, str):
-        card = json.loads(card)
-    return dict(card) if isinstance(card, Mapping) else None
 
 
 def _cohort_row(o: SlideOutcome, qc: Any) -> tuple[dict[str, Any], str | None]:

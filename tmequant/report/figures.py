@@ -4,7 +4,10 @@ Pure functions over plain arrays (no store or biomarker objects), drawn with mat
 object API on an Agg canvas (no pyplot state, safe in worker processes). Every picture is
 drawn in thumbnail pixel coordinates at the thumbnail's true aspect ratio, carries a legend
 (or a colour bar with units) and a scale bar in mm computed from the thumbnail's um/px
-(thumbnail downsample x slide MPP).
+(thumbnail downsample x slide MPP). The thumbnail has square pixels even when the slide's
+are not: then the store's ``slide_mpp_um`` and downsample are per pixel of the geometric-mean
+size, which gives the thumbnail's um/px and the tile side in thumbnail px all the same, and
+level-0 positions go through ``SlideGeometry.level0_to_thumb`` (per axis).
 
 Tile maps are rasters on the tile grid: cell ``[r, c]`` of a ``(R, C)`` raster is the tile
 at grid row ``origin_rc[0] + r``, column ``origin_rc[1] + c``, which covers level-0 pixels
@@ -30,6 +33,9 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from tmequant.atomic import atomic_write_bytes
+from tmequant.pixelsize import PixelSize
 
 # Colours per tissue role (docs/biomarkers.md), close to what H&E annotation tools use:
 # tumour red, stroma pink, immune dark blue, necrosis ochre.
@@ -68,11 +74,15 @@ class SlideGeometry:
     thumb_downsample: level-0 px per thumbnail px (the store's ``tissue_mask`` downsample).
     slide_mpp_um: level-0 microns per px.
     tile_level0_px: tile side (= grid pitch) in level-0 px.
+    pixel_size: the slide's level-0 pixel size along x and y when it is not square (then the
+    three numbers above are per pixel of the geometric-mean size, as the store keeps them);
+    None for square pixels.
     """
 
     thumb_downsample: float
     slide_mpp_um: float
     tile_level0_px: float
+    pixel_size: PixelSize | None = None
 
     @property
     def thumb_um_per_px(self) -> float:
@@ -83,6 +93,15 @@ class SlideGeometry:
         """Tile side in thumbnail px."""
         return self.tile_level0_px / self.thumb_downsample
 
+    def level0_to_thumb(self, xy: np.ndarray) -> np.ndarray:
+        """(M, 2) level-0 x, y -> thumbnail x, y (per axis for non-square pixels)."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        px = self.pixel_size
+        if px is None or px.is_square:
+            return xy / self.thumb_downsample
+        x_um, y_um = px.to_um(xy[:, 0], xy[:, 1])
+        return np.stack([x_um, y_um], axis=1) / self.thumb_um_per_px
+
     @classmethod
     def from_store(cls, store: Any) -> SlideGeometry:
         """From a :class:`tmequant.tiling.store.SlideStore`."""
@@ -90,6 +109,7 @@ class SlideGeometry:
             thumb_downsample=store.mask_downsample,
             slide_mpp_um=store.slide_mpp_um,
             tile_level0_px=store.tile_level0_px,
+            pixel_size=getattr(store, "pixel_size", None),  # None: square (stand-in stores)
         )
 
 
@@ -167,7 +187,8 @@ def _reduce(thumbnail: np.ndarray, geom: SlideGeometry,
     if k <= 1:
         return thumbnail, geom, 1
     small = np.clip(_block_mean(thumbnail, k, 255.0) + 0.5, 0, 255).astype(np.uint8)
-    g = SlideGeometry(geom.thumb_downsample * k, geom.slide_mpp_um, geom.tile_level0_px)
+    g = SlideGeometry(geom.thumb_downsample * k, geom.slide_mpp_um, geom.tile_level0_px,
+                      geom.pixel_size)
     return small, g, k
 
 
@@ -329,12 +350,7 @@ def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> bytes | Path:
     data = buf.getvalue()
     if path is None:
         return data
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")  # a kill never leaves half a PNG
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
-    return p
+    return atomic_write_bytes(path, data)  # a kill never leaves half a PNG
 
 
 # --- the pictures ----------------------------------------------------------------------
@@ -558,7 +574,7 @@ def plot_compartments(
     elif tls_centroids_xy_level0 is not None and len(tls_centroids_xy_level0):
         from matplotlib.patches import Circle
 
-        xy = np.asarray(tls_centroids_xy_level0, dtype=np.float64).reshape(-1, 2) / geom.thumb_downsample
+        xy = geom.level0_to_thumb(tls_centroids_xy_level0)
         areas = (np.asarray(tls_areas_um2, dtype=np.float64).reshape(-1) if tls_areas_um2 is not None
                  else np.full(len(xy), (geom.tile_level0_px * geom.slide_mpp_um) ** 2))
         for k, ((x, y), a) in enumerate(zip(xy, areas), start=1):

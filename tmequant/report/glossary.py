@@ -119,10 +119,30 @@ def header(column: str) -> str:
     return f"{t.label} ({t.unit})" if t.unit else t.label
 
 
+def format_value(v: Any) -> str:
+    """Human-readable cell text: 3 significant digits for small numbers, thousands separators."""
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
+        a = abs(v)
+        if a >= 100:
+            return f"{v:,.0f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
 def format_cell(column: str, v: Any) -> str:
     """The column's number format (one per unit); text, None, NaN and inf as format_value does."""
-    from tmequant.report.html import format_value
-
     fmt = term(column).fmt
     if fmt and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
         return format(v, fmt)

@@ -23,8 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmequant.atomic import atomic_write_text
 from tmequant.provenance import canonical_json, package_version
-from tmequant.report.glossary import SUMMARY_COLUMNS, TERMS, format_cell, phenotype_reason, term
+from tmequant.report.glossary import (
+    SUMMARY_COLUMNS,
+    TERMS,
+    format_cell,
+    format_value,
+    phenotype_reason,
+    term,
+)
 from tmequant.report.tables import cohort_frame, column_kind, flatten_row
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -67,28 +75,6 @@ class SlideSection:
 
 def _e(v: Any) -> str:
     return html.escape(str(v), quote=True)
-
-
-def format_value(v: Any) -> str:
-    """Human-readable cell text: 3 significant digits for small numbers, thousands separators."""
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "–"
-        if math.isinf(v):
-            return "∞" if v > 0 else "−∞"
-        a = abs(v)
-        if a >= 100:
-            return f"{v:,.0f}"
-        if a >= 1:
-            return f"{v:.2f}"
-        return f"{v:.3g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
 
 
 def _sort_key(v: Any) -> str:
@@ -512,9 +498,4 @@ def write_html_report(
     **kw: Any,
 ) -> Path:
     """Write :func:`render_html_report` to ``path`` (atomically) and return the path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(render_html_report(slides, failures, **kw), encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(path, render_html_report(slides, failures, **kw))

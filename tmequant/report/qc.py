@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from tmequant.pixelsize import PixelSize
+
 log = logging.getLogger("tmequant")
 
 QC_SECTION = "qc"
@@ -145,13 +147,17 @@ def slide_qc_flags(row: dict[str, Any], store: Any = None, card: dict[str, Any] 
     if row.get("mpp_source") == "override":
         mpp = _num(row.get("slide_mpp_um"))
         given = f"pixel size {mpp:g} um/px given by the user" if mpp else "pixel size given by the user"
-        file_mpp = file_mpp_um(row.get("source_path"))
-        if file_mpp is None:
+        file_px = file_pixel_size(row.get("source_path"))
+        if file_px is None:
             add("mpp_override", f"{given} (no pixel size read from the file)")
-        elif mpp is not None and abs(file_mpp - mpp) > p.mpp_differs_fraction * file_mpp:
-            add("mpp_override", f"{given} differs from the file's {file_mpp:.4g} um/px")
         else:
-            add("mpp_override", f"{given} (the file says {file_mpp:.4g})")
+            file_mpp = file_px.mean_um
+            shown = (f"{file_mpp:.4g}" if file_px.is_square
+                     else f"{file_px.x_um:.4g} x {file_px.y_um:.4g}")
+            if mpp is not None and abs(file_mpp - mpp) > p.mpp_differs_fraction * file_mpp:
+                add("mpp_override", f"{given} differs from the file's {shown} um/px")
+            else:
+                add("mpp_override", f"{given} (the file says {shown})")
     n_tiles = _num(row.get("n_tiles"))
     if n_tiles is not None and n_tiles < p.min_tiles:
         add("few_tiles", (f"{n_tiles:.0f} tissue tiles (< {p.min_tiles}): too little tissue for "
@@ -171,6 +177,20 @@ def _safe(fn: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - a QC check never fails a finished slide
         log.debug("QC check skipped: %s", exc)
         return None
+
+
+def file_pixel_size(path: Any) -> PixelSize | None:
+    """The level-0 pixel size (x, y) a slide file itself records; None as for file_mpp_um."""
+    if not path:
+        return None
+
+    def read() -> PixelSize | None:
+        from tmequant.wsi import open_slide
+
+        with open_slide(str(path), require_mpp=False) as s:
+            return None if s.info.mpp_um is None else s.info.pixel_size
+
+    return _safe(read)
 
 
 def file_mpp_um(path: Any) -> float | None:
@@ -210,6 +230,7 @@ __all__ = [
     "QC_SECTION",
     "QCParams",
     "file_mpp_um",
+    "file_pixel_size",
     "join_flags",
     "qc_params_from_file",
     "slide_qc_flags",

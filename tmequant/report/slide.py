@@ -8,7 +8,6 @@ not imported here.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,12 +34,6 @@ FIGURES: dict[str, str] = {
 }
 
 
-def _card(attrs_card: Any) -> dict[str, Any]:
-    if isinstance(attrs_card, str):
-        return json.loads(attrs_card)
-    return dict(attrs_card or {})
-
-
 def slide_figures(
     store: Any,
     model_name: str,
@@ -51,8 +44,8 @@ def slide_figures(
 ) -> dict[str, bytes | Path]:
     """The four pictures of one slide.
 
-    store: a :class:`tmequant.tiling.store.SlideStore` (thumbnail, tissue mask, grid,
-    ``predictions/<model_name>`` with its card); result: the slide's BiomarkerResult
+    store: a :class:`tmequant.store.SlideStore` (thumbnail, tissue mask, grid,
+    ``tissue_probs(model_name)`` and ``prediction_card(model_name)``); result: the slide's BiomarkerResult
     (``lymphocyte_density_per_mm2`` (N,), ``tls_labels`` (N,), ``compartments`` with
     ``origin``, ``bulk``, ``margin``; ``row['count_source']``).
     out_dir: when given, PNGs are written as ``<out_dir>/<stem>.png`` and paths returned
@@ -64,8 +57,7 @@ def slide_figures(
     thumb = store.thumbnail
     grid_rc = store.grid
     sid = store.slide_id
-    grp = store.predictions(model_name)
-    card = _card(grp.attrs.get("card"))
+    card = store.prediction_card(model_name)
     classes = list(card.get("tissue_classes") or [])
     roles = dict(card.get("tissue_roles") or {})
     probs = store.tissue_probs(model_name)

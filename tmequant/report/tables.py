@@ -10,6 +10,7 @@ is an empty cell and infinities are ``inf``/``-inf`` (what pandas and spreadshee
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tmequant.atomic import atomic_write_bytes, atomic_write_text
 from tmequant.provenance import canonical_json
 
 ID_COLUMN = "slide_id"
@@ -162,19 +164,24 @@ def write_cohort_table(
 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<stem>.csv`` and ``<stem>.parquet``; returns both paths.
 
-    Files are written to a temporary name and renamed, so a reader never sees half a table.
+    Files are written to a temporary name and renamed (:mod:`tmequant.atomic`), so a reader
+    never sees half a table.
     """
     df = cohort_frame(rows, provenance_columns=provenance_columns)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, pq_path = out / f"{stem}.csv", out / f"{stem}.parquet"
-    tmp_csv, tmp_pq = out / f".{stem}.csv.tmp", out / f".{stem}.parquet.tmp"
-    _csv_frame(df).to_csv(tmp_csv, index=False, float_format=CSV_FLOAT_FORMAT, na_rep="",
-                          lineterminator="\n")
-    _parquet_frame(df).to_parquet(tmp_pq, index=False)
-    os.replace(tmp_csv, csv_path)
-    os.replace(tmp_pq, pq_path)
+    atomic_write_text(csv_path, _csv_frame(df).to_csv(index=False, float_format=CSV_FLOAT_FORMAT,
+                                                      na_rep="", lineterminator="\n"))
+    atomic_write_bytes(pq_path, parquet_bytes(_parquet_frame(df)))
     return csv_path, pq_path
+
+
+def parquet_bytes(df: pd.DataFrame) -> bytes:
+    """``df`` as a Parquet file's bytes (no index), for :func:`tmequant.atomic.atomic_write_bytes`."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def read_cohort_table(path: str | os.PathLike[str]) -> pd.DataFrame:

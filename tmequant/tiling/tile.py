@@ -23,8 +23,11 @@ from typing import Any
 import numpy as np
 
 from tmequant._faults import checkpoint
+from tmequant.codecs import IMAGE_CODECS, parse_image_codec
+from tmequant.defaults import MPP_MAX_UM, MPP_MIN_UM, MPP_UM, TILE_PX, mpp_in_range
 from tmequant.errors import StoreError
 from tmequant.inputs import SlideSpec, slide_id_from_path, validate_slide_id
+from tmequant.pixelsize import pitch_xy
 from tmequant.progress import ProgressBar
 from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
 from tmequant.store import COMPRESSIONS, SlideStore, store_path, store_state
@@ -40,11 +43,14 @@ log = logging.getLogger("tmequant")
 class TilingParams:
     """Every parameter that changes the store's content (hashed into ``params_hash``)."""
 
-    target_mpp_um: float = 0.5
-    tile_px: int = 224
+    target_mpp_um: float = MPP_UM
+    tile_px: int = TILE_PX
     min_tissue_fraction: float = 0.25
     tissue: TissueParams = field(default_factory=TissueParams)
-    compression: str = "blosc-lz4"  # tiles/images codec, lossless; chosen by scripts/bench_tiling.py
+    # tiles/images codec: a lossless chain (COMPRESSIONS; blosc-lz4 chosen by
+    # scripts/bench_tiling.py) or a lossy image codec such as "jpeg-95" (tmequant.codecs;
+    # chosen by scripts/bench_codecs.py)
+    compression: str = "blosc-lz4"
     tiles_per_chunk: int = 4
     tiles_per_shard: int = 128
     block_tiles: int = 4  # regions of block_tiles x block_tiles tiles are read at once
@@ -52,14 +58,18 @@ class TilingParams:
     edge_tiles: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.05 <= self.target_mpp_um <= 20:
-            raise ValueError("target_mpp_um must be in 0.05-20 um/px")
+        if not mpp_in_range(self.target_mpp_um):
+            raise ValueError(f"target_mpp_um must be in {MPP_MIN_UM}-{MPP_MAX_UM:g} um/px")
         if not 16 <= self.tile_px <= 4096:
             raise ValueError("tile_px must be in 16-4096")
         if not 0.0 <= self.min_tissue_fraction <= 1.0:
             raise ValueError("min_tissue_fraction must be in 0-1")
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}")
+            try:
+                parse_image_codec(self.compression)
+            except ValueError:
+                raise ValueError(f"compression must be one of {COMPRESSIONS} or an image codec "
+                                 f"({', '.join(IMAGE_CODECS)}, e.g. jpeg-95)") from None
         if self.tiles_per_chunk < 1 or self.tiles_per_shard % self.tiles_per_chunk:
             raise ValueError("tiles_per_shard must be a multiple of tiles_per_chunk")
         if self.block_tiles < 1:
@@ -142,18 +152,26 @@ def tile_slide(
                                   info.mpp_um, info.mpp_source, None,
                                   {"total": time.perf_counter() - t_start})
         assert info.mpp_um is not None and info.mpp_source is not None
-        if info.mpp_um > params.target_mpp_um * 1.001:
-            log.warning("%s: slide MPP %.3g is coarser than the target %.3g um/px; tiles are upsampled",
-                        spec.slide_id, info.mpp_um, params.target_mpp_um)
+        # Pixels may be non-square (x and y sizes, tmequant.pixelsize): tiles still cover
+        # tile_um x tile_um, i.e. tile_um / mpp_x by tile_um / mpp_y level-0 px, and the
+        # thumbnail and mask have square pixels at mask_mpp_um. For square pixels every
+        # number below is what tile_um / mpp and mask_mpp / mpp give.
+        px = info.pixel_size
+        if px.coarsest_um > params.target_mpp_um * 1.001:
+            log.warning("%s: slide MPP %s is coarser than the target %.3g um/px; tiles are upsampled",
+                        spec.slide_id, f"{px.x_um:.3g}" if px.is_square else px.describe(),
+                        params.target_mpp_um)
         # --- tissue ---------------------------------------------------------------
         t0 = time.perf_counter()
         mask_mpp = params.tissue.mask_mpp_um
         thumb = slide.read_thumbnail(mask_mpp)
         mask = detect_tissue(thumb, mask_mpp, params.tissue)
-        assert mask.shape == mask_shape(info.dimensions, info.mpp_um, mask_mpp)
-        mask_ds = mask_mpp / info.mpp_um
+        assert mask.shape == mask_shape(info.dimensions, px, mask_mpp)
+        mask_ds = mask_mpp / info.mpp_um  # the stored one number (geometric mean for non-square)
+        mask_ds_xy = px.px(mask_mpp)  # level-0 px per mask px along x, y
         tile_level0_px = params.tile_um / info.mpp_um
-        plan = plan_grid(info.dimensions, tile_level0_px, mask, mask_ds, params.min_tissue_fraction,
+        tile_xy = px.px(params.tile_um)  # grid pitch in level-0 px along x, y
+        plan = plan_grid(info.dimensions, tile_xy, mask, mask_ds_xy, params.min_tissue_fraction,
                          edge_tiles=params.edge_tiles)
         read_level = slide.best_level_for_mpp(params.target_mpp_um)
         seconds["tissue"] = time.perf_counter() - t0
@@ -171,11 +189,15 @@ def tile_slide(
             "level0_width_px": int(info.dimensions[0]),
             "level0_height_px": int(info.dimensions[1]),
             "slide_mpp_um": float(info.mpp_um),
+            "slide_mpp_x_um": float(px.x_um),
+            "slide_mpp_y_um": float(px.y_um),
             "mpp_source": info.mpp_source,
             "target_mpp_um": float(params.target_mpp_um),
             "tile_px": int(params.tile_px),
             "tile_um": float(params.tile_um),
             "tile_level0_px": float(tile_level0_px),
+            "tile_level0_x_px": float(tile_xy[0]),
+            "tile_level0_y_px": float(tile_xy[1]),
             "read_level": int(read_level),
             "tissue": to_jsonable(params.tissue),
             "min_tissue_fraction": float(params.min_tissue_fraction),
@@ -194,7 +216,7 @@ def tile_slide(
             qc = None
             if qc_png:
                 qc = _qc_path(out, spec.slide_id)
-                write_qc_png(qc, thumb, mask, plan, mask_ds)
+                write_qc_png(qc, thumb, mask, plan, mask_ds_xy)
             st.mark_complete(n_tiles=int(plan.n_tiles))
     seconds["total"] = time.perf_counter() - t_start
     res = TileResult(spec.slide_id, spath, plan.n_tiles, False, qc, info.mpp_um, info.mpp_source,
@@ -241,16 +263,16 @@ def _read_block(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_
     slide resampled at the grid's scale and glass (255) beyond it; the whole tiles of the
     block are read as one region exactly as without edge tiles.
     """
-    t = plan.tile_level0_px
+    tx, ty = plan.pitch_xy  # equal on square pixels; a tile's footprint otherwise
     w0, h0 = slide.info.dimensions
     g = plan.grid[idx]
-    whole = ((g[:, 1] + 1) * t <= w0 + 1e-6) & ((g[:, 0] + 1) * t <= h0 + 1e-6)
+    whole = ((g[:, 1] + 1) * tx <= w0 + 1e-6) & ((g[:, 0] + 1) * ty <= h0 + 1e-6)
     out = np.empty((len(idx), tile_px, tile_px, 3), np.uint8)
     if whole.any():
         gw = g[whole]
         r0, c0 = int(gw[:, 0].min()), int(gw[:, 1].min())
         r1, c1 = int(gw[:, 0].max()) + 1, int(gw[:, 1].max()) + 1
-        region = read_resampled(slide, level, (c0 * t, r0 * t, c1 * t, r1 * t),
+        region = read_resampled(slide, level, (c0 * tx, r0 * ty, c1 * tx, r1 * ty),
                                 ((c1 - c0) * tile_px, (r1 - r0) * tile_px))
         for k in np.flatnonzero(whole):
             r, c = g[k]
@@ -258,10 +280,10 @@ def _read_block(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_
             out[k] = region[y : y + tile_px, x : x + tile_px]
     for k in np.flatnonzero(~whole):
         r, c = (int(v) for v in g[k])
-        x0, y0 = c * t, r * t
-        x1, y1 = min(x0 + t, float(w0)), min(y0 + t, float(h0))
+        x0, y0 = c * tx, r * ty
+        x1, y1 = min(x0 + tx, float(w0)), min(y0 + ty, float(h0))
         out[k] = 255
-        ow, oh = round((x1 - x0) / t * tile_px), round((y1 - y0) / t * tile_px)
+        ow, oh = round((x1 - x0) / tx * tile_px), round((y1 - y0) / ty * tile_px)
         if ow > 0 and oh > 0:
             out[k, :oh, :ow] = read_resampled(slide, level, (x0, y0, x1, y1), (ow, oh))
     return out
@@ -319,8 +341,9 @@ def _write_tiles(slide: Slide, level: int, plan: TilePlan, params: TilingParams,
 
 
 def write_qc_png(path: str, thumb: np.ndarray, mask: np.ndarray, plan: TilePlan,
-                 mask_downsample: float) -> None:
-    """Thumbnail with the tissue outline (blue) and the kept tiles' grid (green) as PNG."""
+                 mask_downsample: float | tuple[float, float]) -> None:
+    """Thumbnail with the tissue outline (blue) and the kept tiles' grid (green) as PNG;
+    ``mask_downsample``: level-0 px per mask px, one number or (x, y)."""
     import fsspec
     from PIL import Image
     from scipy import ndimage as ndi
@@ -329,10 +352,11 @@ def write_qc_png(path: str, thumb: np.ndarray, mask: np.ndarray, plan: TilePlan,
     edge = mask & ~ndi.binary_erosion(mask)
     img[edge] = (0, 60, 255)
     h, w = mask.shape
-    t = plan.tile_level0_px / mask_downsample
-    for x, y in plan.coords / mask_downsample:
+    (tx, ty), (dx, dy) = plan.pitch_xy, pitch_xy(mask_downsample)
+    tx, ty = tx / dx, ty / dy  # tile side in mask px (equal: mask pixels are square)
+    for x, y in plan.coords / np.array([dx, dy]):
         x0, y0 = int(round(x)), int(round(y))
-        x1, y1 = min(int(round(x + t)), w - 1), min(int(round(y + t)), h - 1)
+        x1, y1 = min(int(round(x + tx)), w - 1), min(int(round(y + ty)), h - 1)
         if x0 >= w or y0 >= h:
             continue
         img[y0, x0 : x1 + 1] = img[y1, x0 : x1 + 1] = (0, 200, 0)

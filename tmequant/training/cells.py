@@ -23,18 +23,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from tmequant.defaults import MPP_UM, TILE_PX
 from tmequant.errors import InputError
 from tmequant.inference.cells import PAD_VALUE, HeatmapRunner, heatmaps_for_image, resize_to_mpp
+from tmequant.models import create_model, load_model, save_model
 from tmequant.models.card import DETECTOR_TISSUE_ROLES, DetectorSpec, ModelCard
 from tmequant.models.detector import find_peaks
 from tmequant.roles import cell_role
 from tmequant.training.augment import AugmentConfig, augment, dihedral
 from tmequant.training.dataset import IMAGENET_MEAN, IMAGENET_STD, read_image
+from tmequant.training.labels import open_training_slide
+from tmequant.training.losses import lr_factor
 from tmequant.training.metrics import detection_metrics
 from tmequant.training.points import PointSet, heatmap_targets, load_points, region_mask
-from tmequant.training.trainer import lr_factor, seed_everything
-from tmequant.wsi import open_slide, read_resampled
+from tmequant.training.trainer import seed_everything
+from tmequant.wsi import read_resampled
 
 log = logging.getLogger("tmequant")
 
@@ -50,12 +55,12 @@ class CellTrainConfig:
     arch: str = "efficientnet_lite0"
     name: str | None = None
     pretrained: bool = True
-    mpp_um: float = 0.5  # the model's input pixel size
+    mpp_um: float = MPP_UM  # the model's input pixel size
     image_mpp_um: float | None = None  # pixel size of the images when the data does not say
     slides: bool = False  # the data folder holds whole-slide images with point GeoJSON
     mpp_override_um: float | None = None  # for slides without a pixel size
-    tile_px: int = 224  # the store tile the model expects at inference
-    crop_px: int = 224  # training crop side
+    tile_px: int = TILE_PX  # the store tile the model expects at inference
+    crop_px: int = TILE_PX  # training crop side
     crops_per_image: int = 2  # crops per image per epoch
     epochs: int = 40
     batch_size: int = 8
@@ -122,7 +127,7 @@ def _load_images(ps: PointSet, classes: list[str], mpp_um: float, image_mpp_um: 
 def _read_slide_box(im: Any, mpp_um: float) -> tuple[np.ndarray, float]:
     """A slide region at ``mpp_um`` (as tiling reads slides) and its scale (px per level-0 px)."""
     x0, y0, x1, y1 = im.slide_box
-    with open_slide(im.path, mpp_override_um=im.mpp_override_um) as slide:
+    with open_training_slide(im.path, im.mpp_override_um) as slide:
         assert slide.info.mpp_um is not None
         s = slide.info.mpp_um / mpp_um
         w, h = max(1, round((x1 - x0) * s)), max(1, round((y1 - y0) * s))
@@ -171,8 +176,6 @@ def _crop(img: _Img, crop: int, rng: np.random.Generator, cfg: CellTrainConfig, 
     msk[yd, xd] = img.mask[ys, xs]
     xy = (img.xy - np.array([x0, y0])) * (crop / src)
     if src != crop:
-        from PIL import Image
-
         pix = np.asarray(Image.fromarray(pix).resize((crop, crop), Image.Resampling.BILINEAR))
         msk = np.asarray(Image.fromarray(msk).resize((crop, crop), Image.Resampling.NEAREST))
     inside = (xy[:, 0] >= 0) & (xy[:, 0] < crop) & (xy[:, 1] >= 0) & (xy[:, 1] < crop)
@@ -294,8 +297,6 @@ def build_detector_card(cfg: CellTrainConfig, classes: list[str], roles: dict[st
 def train_cells(cfg: CellTrainConfig) -> CellTrainResult:
     """Train a detector as ``cfg`` says; writes ``cfg.out`` (model folder, metrics.json,
     split.csv, history.json). Returns the result with validation metrics."""
-    from tmequant.models import create_model, save_model
-
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -422,8 +423,6 @@ def evaluate_points(data: str | Path | PointSet, model: Any, *, split: str | Non
     ``model``: a LoadedModel (or name / folder); ``split``: only images of that split (the
     CSV's ``split`` column, else the model folder's split.csv).
     """
-    from tmequant.models import load_model
-
     loaded = model if hasattr(model, "card") else load_model(model)
     card: ModelCard = loaded.card
     if card.detector is None:

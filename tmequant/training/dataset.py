@@ -8,18 +8,21 @@ smaller ones are resized up, with a warning. Slide tiles are read through
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image
 
 from tmequant.errors import InputError
 from tmequant.training.augment import AugmentConfig, MacenkoNormalizer, augment
-from tmequant.training.labels import LabelSet, Sample
+from tmequant.training.labels import LabelSet, Sample, open_training_slide
+from tmequant.wsi import read_resampled
 
 log = logging.getLogger("tmequant")
 
@@ -37,8 +40,6 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError("image not found", p) from None
     except Exception:  # PIL cannot read some TIFF compressions/bit depths
         try:
-            import tifffile
-
             arr = np.asarray(tifffile.imread(p))
         except Exception as e:  # noqa: BLE001
             raise InputError(f"cannot read image ({type(e).__name__}: {e})", p) from None
@@ -100,9 +101,7 @@ class TileReader:
     def _slide(self, s: Sample):
         sl = self._slides.get(s.path)
         if sl is None:
-            from tmequant.wsi import open_slide
-
-            sl = self._slides[s.path] = open_slide(s.path, mpp_override_um=s.mpp_override_um)
+            sl = self._slides[s.path] = open_training_slide(s.path, s.mpp_override_um)
         return sl
 
     def read(self, s: Sample, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -155,14 +154,23 @@ def read_slide_tile(
     Same level choice (``best_level_for_mpp``) and resampling (``read_resampled``, an area
     filter) as ``tmequant.tiling.tile_slide``, so training sees the pixels inference sees.
     """
-    from tmequant.wsi.resample import read_resampled
-
     x0, y0, side = box
     level = slide.best_level_for_mpp(mpp_um)
     return np.ascontiguousarray(
         read_resampled(slide, level, (x0, y0, x0 + side, y0 + side), (tile_px, tile_px)),
         dtype=np.uint8,
     )
+
+
+def macenko_from_target(path: str | Path) -> tuple[MacenkoNormalizer, dict[str, Any]]:
+    """(normaliser, ``ModelCard.stain_normalization`` dict) fitted on the image ``path``."""
+    p = Path(path)
+    try:
+        norm = MacenkoNormalizer(read_image(p))
+    except ValueError as e:
+        raise InputError(f"--macenko-target: {e}; choose a tile with more tissue", p) from None
+    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+    return norm, norm.card_params(source=f"{p.name} sha256:{sha}")
 
 
 class TileDataset(torch.utils.data.Dataset):

@@ -16,11 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from tmequant.errors import InputError
+from tmequant.inference.runner import resolve_device
+from tmequant.models import LoadedModel, load_model
+from tmequant.models.stain import MacenkoNormalizer
 from tmequant.progress import ProgressBar
 from tmequant.provenance import to_jsonable
-from tmequant.training.dataset import TileDataset
+from tmequant.training.dataset import TileDataset, macenko_from_target
 from tmequant.training.labels import LabelSet, load_labels
+from tmequant.training.losses import compute_loss
 from tmequant.training.metrics import classification_metrics, count_metrics
+from tmequant.training.splits import read_split_csv
 
 log = logging.getLogger("tmequant")
 
@@ -133,8 +139,6 @@ def evaluate_labels(
     probs, counts = predict_labels(model, card, labels, batch_size, device, macenko, progress)
     m = metrics_from_predictions(labels, card, probs, counts)
     if loss_cfg is not None:
-        from tmequant.training.trainer import compute_loss
-
         cls = {c: i for i, c in enumerate(card.tissue_classes)}
         y = torch.tensor([cls[s.label] if s.label is not None else -1 for s in labels.samples])
         ct = torch.tensor(
@@ -168,10 +172,6 @@ def evaluate(
     image to normalise stains to, overriding the card's ``stain_normalization`` (which
     applies by default); ``EvalResult.extra["stain_normalization"]`` records what was used.
     """
-    from tmequant.models import LoadedModel, load_model
-    from tmequant.models.stain import MacenkoNormalizer
-    from tmequant.training.trainer import resolve_device
-
     dev = resolve_device(device)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dev)
     lm.model.to(dev)
@@ -181,9 +181,6 @@ def evaluate(
     )
     labels = labels.with_classes(card.tissue_classes, card.cell_classes, what=f"model {card.name}")
     if split is not None:
-        from tmequant.errors import InputError
-        from tmequant.training.splits import read_split_csv
-
         sc = Path(lm.source) / "split.csv"
         if not sc.is_file():
             raise InputError("--split needs the model folder's split.csv", sc)
@@ -195,8 +192,6 @@ def evaluate(
     # an explicit target overrides it and is recorded in ``extra``.
     stain: dict[str, Any] | None = None
     if macenko_target:
-        from tmequant.training.trainer import macenko_from_target
-
         macenko, stain = macenko_from_target(macenko_target)
     elif card.stain_normalization is not None:
         stain = card.stain_normalization.model_dump()

@@ -17,6 +17,7 @@ import csv
 import io
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,9 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 
-from tmequant.errors import InputError
+from tmequant.defaults import MPP_UM, TILE_PX
+from tmequant.errors import InputError, SlideError
+from tmequant.inputs import SLIDE_SUFFIXES, parse_mpp, slide_id_from_path
+from tmequant.qupath import read_features
 from tmequant.roles import CELL_ROLES, TISSUE_ROLES, cell_role
+from tmequant.wsi import Slide, open_slide
 
 log = logging.getLogger("tmequant")
 
@@ -370,8 +376,6 @@ def tile_boxes_in_region(
     tile inside the region, keeping tiles with ``cover >= min_cover`` that lie fully
     inside the image (the rule of ``tmequant.tiling.plan_grid``).
     """
-    import shapely
-
     if region.is_empty:
         return np.zeros((0, 2)), np.zeros(0)
     n_cols = int(math.floor(width_px / side_px + 1e-6))
@@ -407,11 +411,22 @@ def count_points_in_boxes(
     return out
 
 
+def open_training_slide(path: str | os.PathLike[str], mpp_override_um: float | None = None) -> Slide:
+    """:func:`tmequant.wsi.open_slide` for training, which reads square level-0 regions:
+    a slide with non-square pixels (tiled and measured per axis elsewhere) is refused here
+    with SlideError rather than giving stretched training tiles."""
+    slide = open_slide(path, mpp_override_um=mpp_override_um)
+    px = slide.info.pixel_size
+    if not px.is_square:
+        slide.close()
+        raise SlideError(f"pixels are not square ({px.describe()}): training reads square regions; "
+                         "resample the slide to square pixels to train on it", path)
+    return slide
+
+
 def _slide_geometry(path: str, mpp_override_um: float | None) -> tuple[float, float, float]:
     """(width_px, height_px, mpp_um) of level 0, through tmequant.wsi like inference."""
-    from tmequant.wsi import open_slide
-
-    with open_slide(path, mpp_override_um=mpp_override_um) as slide:
+    with open_training_slide(path, mpp_override_um) as slide:
         w, h = slide.info.dimensions
         assert slide.info.mpp_um is not None  # open_slide requires an MPP by default
         return float(w), float(h), float(slide.info.mpp_um)
@@ -468,10 +483,6 @@ def read_slide_annotations(
       polygon, classified or not; the points' convex hull when there are none), since a
       tile reaching outside it may hold cells nobody annotated.
     """
-    import shapely
-
-    from tmequant.qupath import read_features
-
     per_slide = []
     all_labels: list[str] = []
     all_cells: list[str] = []
@@ -566,8 +577,6 @@ def _annotation_for(slide: Path) -> Path | None:
 def find_annotated_slides(data: str | Path) -> list[AnnotatedSlide]:
     """A folder of slides each with ``<stem>.geojson`` beside it, or a CSV
     ``slide,annotations[,slide_id][,patient_id][,mpp]`` (paths relative to the CSV)."""
-    from tmequant.inputs import SLIDE_SUFFIXES, slide_id_from_path
-
     p = Path(data)
     out: list[AnnotatedSlide] = []
     if p.is_dir():
@@ -610,8 +619,6 @@ def find_annotated_slides(data: str | Path) -> list[AnnotatedSlide]:
 
 def _manifest_mpp(value: str, p: Path, line: int) -> float:
     """The ``mpp`` column of a slide manifest row, checked (0.05-20 um/px)."""
-    from tmequant.inputs import parse_mpp
-
     mpp = parse_mpp(value, f"{p} line {line}")
     assert mpp is not None
     return mpp
@@ -636,8 +643,8 @@ def _csv_header(p: Path) -> list[str]:
 
 def load_labels(
     data: str | Path | LabelSet,
-    tile_px: int = 224,
-    mpp_um: float = 0.5,
+    tile_px: int = TILE_PX,
+    mpp_um: float = MPP_UM,
     classes: Sequence[str] | None = None,
     cell_classes: Sequence[str] | None = None,
     roles: dict[str, str] | None = None,
@@ -671,8 +678,6 @@ def load_labels(
             return read_slide_annotations(find_annotated_slides(p), **slide_kw)
         return read_csv_manifest(p, classes, roles, allow_empty_classes)
     if p.suffix.lower() in ANNOTATION_SUFFIXES:
-        from tmequant.inputs import SLIDE_SUFFIXES, slide_id_from_path
-
         for suf in SLIDE_SUFFIXES:
             s = p.with_suffix(suf)
             if s.is_file():

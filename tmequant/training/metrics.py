@@ -57,7 +57,7 @@ def classification_metrics(
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # lazy: scipy.stats takes about a second to import
 
     return rankdata(x)
 
@@ -123,8 +123,8 @@ def match_points(pred_xy: np.ndarray, true_xy: np.ndarray, radius: float) -> tup
     assignment, scipy), so one true cell is never credited twice. Returns the matched
     (pred_index, true_index) arrays.
     """
-    from scipy.optimize import linear_sum_assignment
-    from scipy.spatial import cKDTree
+    from scipy.optimize import linear_sum_assignment  # lazy: scipy is slow to import
+    from scipy.spatial import cKDTree  # lazy: as above
 
     pred_xy = np.asarray(pred_xy, float).reshape(-1, 2)
     true_xy = np.asarray(true_xy, float).reshape(-1, 2)

@@ -14,7 +14,7 @@ import numpy as np
 
 
 def _subplots(nrows: int, ncols: int, figsize: tuple[float, float], dpi: int = 100) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib takes about a second to import
 
     fig = Figure(figsize=figsize, dpi=dpi)
     return fig, fig.subplots(nrows, ncols)

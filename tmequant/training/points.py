@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
+import tifffile
 
 from tmequant.errors import InputError
 from tmequant.training.labels import IMAGE_SUFFIXES
@@ -251,8 +253,6 @@ def _is_plain_image(f: Path) -> bool:
     if suf not in (".tif", ".tiff"):
         return True
     try:
-        import tifffile
-
         with tifffile.TiffFile(f) as tf:
             return len(tf.series[0].levels) == 1 and not tf.is_svs
     except Exception:  # noqa: BLE001 - unreadable: let the reader say why
@@ -265,8 +265,6 @@ def read_point_slides(folder: str | Path, mpp_override_um: float | None = None) 
     Points and polygons are in level-0 pixels. A slide whose GeoJSON has points but no
     ``Region`` polygon is refused: its unannotated tissue would teach "no cell".
     """
-    import shapely
-
     d = Path(folder)
     images: list[PointImage] = []
     classes: list[str] = []

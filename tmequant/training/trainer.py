@@ -12,6 +12,10 @@ checkpoint) that ``tmequant predict`` takes unchanged, plus::
 Nothing is pickled: optimizer moments and RNG states are safetensors tensors, everything
 else JSON. Reproducible on the CPU: the order of tiles and every augmentation derive from
 (seed, epoch, index), so a resumed run ends with the weights an uninterrupted one has.
+
+``train`` tells the run as a sequence of steps (below it, in order); the loss and learning-
+rate schedule are in :mod:`tmequant.training.losses`, the checkpoint files and starting
+weights in :mod:`tmequant.training.checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import random
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,21 +31,36 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tmequant.errors import InputError, ModelError
+from tmequant.defaults import MPP_UM, TILE_PX
+from tmequant.errors import InputError
+from tmequant.inference.runner import resolve_device
+from tmequant.models import LoadedModel, ModelCard, TmeNet, create_model, load_folder, save_model
 from tmequant.progress import ProgressBar
 from tmequant.provenance import package_version, params_hash, to_jsonable
 from tmequant.training.augment import AugmentConfig, MacenkoNormalizer
-from tmequant.training.dataset import IMAGENET_MEAN, IMAGENET_STD, TileDataset, read_image
+from tmequant.training.checkpoint import (
+    LAST_DIR,
+    STATE_FILE,
+    init_weights,
+    load_checkpoint,
+    save_checkpoint,
+    saved_config,
+)
+from tmequant.training.dataset import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TileDataset,
+    macenko_from_target,
+)
+from tmequant.training.evaluate import evaluate_labels
 from tmequant.training.labels import LabelSet, load_labels
-from tmequant.training.splits import read_split_csv, split_labels, write_split_csv
+from tmequant.training.losses import class_weights, compute_loss, lr_factor
+from tmequant.training.plots import plot_confusion, plot_curves
+from tmequant.training.splits import group_key, read_split_csv, split_labels, write_split_csv
 
 log = logging.getLogger("tmequant")
 
-LAST_DIR = "checkpoints/last"
-STATE_FILE = "state.json"
-OPTIM_FILE = "optimizer.safetensors"
 COUNT_ONLY_CLASS = "tissue"  # the card needs a tissue head; count-only models get one class
 
 
@@ -55,8 +74,8 @@ class TrainConfig:
     name: str | None = None  # model name (store group predictions/<name>); default: out's name
     pretrained: bool = True  # offline ImageNet weights (efficientnet_lite0), else random init
     init_from: str | None = None  # a model folder or a .safetensors state dict to start from
-    tile_px: int = 224
-    mpp_um: float = 0.5
+    tile_px: int = TILE_PX
+    mpp_um: float = MPP_UM
     epochs: int = 10
     max_steps: int | None = None  # caps the schedule (optimizer steps in all)
     stop_after_steps: int | None = None  # stop early as if interrupted (job time limits)
@@ -106,171 +125,13 @@ class TrainResult:
 # --------------------------------------------------------------------------------------
 # helpers
 
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+_class_weights = class_weights  # its former name here (tests import it from this module)
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def _class_weights(labels: LabelSet, mode: str) -> torch.Tensor | None:
-    if mode == "none":
-        return None
-    if mode != "balanced":
-        raise InputError(f"class_weights must be 'none' or 'balanced', not {mode!r}")
-    n = np.array([labels.label_counts().get(c, 0) for c in labels.tissue_classes], float)
-    w = np.where(n > 0, n.sum() / np.maximum(n, 1) / max((n > 0).sum(), 1), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def compute_loss(
-    out: dict[str, torch.Tensor],
-    y: torch.Tensor,
-    counts: torch.Tensor,
-    cfg: TrainConfig,
-    weight: torch.Tensor | None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """CE over labelled tiles + count loss over tiles with known counts (float32)."""
-    parts: dict[str, float] = {}
-    total = out["tissue_logits"].new_zeros((), dtype=torch.float32)
-    has = y >= 0
-    if has.any():
-        ce = F.cross_entropy(
-            out["tissue_logits"][has].float(),
-            y[has],
-            weight=None if weight is None else weight.to(y.device),
-        )
-        total = total + ce
-        parts["ce"] = float(ce.detach())
-    if "cell_counts" in out and counts.numel():
-        known = torch.isfinite(counts)
-        if known.any():
-            pred = out["cell_counts"].float()[known]
-            true = counts[known]
-            if cfg.count_loss == "poisson":
-                cl = F.poisson_nll_loss(pred, true, log_input=False, full=False, eps=1e-6)
-            elif cfg.count_loss == "mse_log":
-                cl = F.mse_loss(torch.log1p(pred), torch.log1p(true))
-            else:
-                raise InputError(
-                    f"count_loss must be 'poisson' or 'mse_log', not {cfg.count_loss!r}"
-                )
-            total = total + cfg.count_weight * cl
-            parts["count"] = float(cl.detach())
-    return total, parts
-
-
-def _optimizer_to_safetensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous().clone()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_safetensors(
-    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = v
-    for key, v in meta.get("scalars", {}).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(folder: Path, model, card, opt, state: dict[str, Any]) -> None:
-    """``folder``: model.safetensors + model.json + optimizer.safetensors + state.json."""
-    from safetensors.torch import save_file
-
-    from tmequant.models import save_model
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(folder, model, card)
-    tensors, meta = _optimizer_to_safetensors(opt)
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    tmp = folder / (OPTIM_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / OPTIM_FILE)
-    full = dict(state, optimizer=meta)
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(full), indent=1), encoding="utf-8")
-    os.replace(tmp, folder / STATE_FILE)  # written last: a complete checkpoint has it
-
-
-def load_checkpoint(folder: Path, model, opt) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    from tmequant.models import load_state_into
-
-    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    load_state_into(model, load_file(str(folder / "model.safetensors")), folder)
-    tensors = load_file(str(folder / OPTIM_FILE))
-    rng = tensors.pop("rng.torch")
-    cuda_rng = [
-        tensors.pop(k) for k in sorted(k for k in list(tensors) if k.startswith("rng.cuda."))
-    ]
-    _optimizer_from_safetensors(opt, tensors, state["optimizer"])
-    torch.set_rng_state(rng)
-    if cuda_rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_rng)
-    return state
-
-
-def _init_weights(model, init_from: str) -> None:
-    """Start from a model folder (heads too when their shapes fit) or a backbone state dict."""
-    from safetensors.torch import load_file
-
-    p = Path(init_from)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if p.suffix != ".safetensors" or not p.is_file():
-        raise ModelError("--init expects a model folder or a .safetensors file (no pickle)", p)
-    tensors = load_file(str(p))
-    own = model.state_dict()
-    if not any(k.startswith("backbone.") for k in tensors):
-        tensors = {"backbone." + k: v for k, v in tensors.items()}
-    fit = {k: v for k, v in tensors.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    n_bb = sum(k.startswith("backbone.") for k in own)
-    n_fit_bb = sum(k.startswith("backbone.") for k in fit)
-    if n_fit_bb < n_bb:
-        raise ModelError(f"only {n_fit_bb} of {n_bb} backbone tensors fit {model.card.arch}", p)
-    model.load_state_dict(fit, strict=False)
-    log.info(
-        "initialised from %s (%d tensors, heads %s)",
-        p,
-        len(fit),
-        "kept" if len(fit) == len(own) else "new",
-    )
 
 
 def _select(cfg: TrainConfig, labels: LabelSet) -> str:
@@ -307,26 +168,7 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return len(_batches(n, batch_size, 0, 0))
 
 
-# --------------------------------------------------------------------------------------
-# train
-
-
-def macenko_from_target(path: str | Path) -> tuple[MacenkoNormalizer, dict[str, Any]]:
-    """(normaliser, ``ModelCard.stain_normalization`` dict) fitted on the image ``path``."""
-    import hashlib
-
-    p = Path(path)
-    try:
-        norm = MacenkoNormalizer(read_image(p))
-    except ValueError as e:
-        raise InputError(f"--macenko-target: {e}; choose a tile with more tissue", p) from None
-    sha = hashlib.sha256(p.read_bytes()).hexdigest()
-    return norm, norm.card_params(source=f"{p.name} sha256:{sha}")
-
-
 def build_card(cfg: TrainConfig, labels: LabelSet):
-    from tmequant.models import ModelCard
-
     name = cfg.name or "".join(
         ch if ch.isalnum() or ch in "._+-" else "_" for ch in Path(cfg.out).resolve().name
     )
@@ -352,13 +194,105 @@ def build_card(cfg: TrainConfig, labels: LabelSet):
     )
 
 
+# --------------------------------------------------------------------------------------
+# train
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a model as ``cfg`` says and write the model folder ``cfg.out``."""
-    from tmequant.models import create_model, save_model
-    from tmequant.training.evaluate import evaluate_labels
-    from tmequant.training.plots import plot_confusion, plot_curves
-
     t_start = time.time()
+    resuming = _check_output_folder(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = _load_data(cfg, resuming)
+    run = _build_run(cfg, data, device)
+    if resuming:
+        _restore_checkpoint(run)
+    run.cfg_json = _config_json(cfg, data.labels)
+
+    _train_epochs(run)
+    finished = _end_training(run)
+
+    best = load_folder(run.out, device)
+    metrics = _evaluate_best(run, best, finished)
+    _write_figures(run, metrics)
+    card = _record_in_card(run, best.card, metrics, finished, t_start)
+    return TrainResult(
+        out_dir=run.out,
+        card=card,
+        metrics=metrics,
+        history=run.state["history"],
+        best_step=run.state["best_step"],
+        steps=run.state["step"],
+        stopped_early=run.state["stopped_early"],
+        split_counts={s: len(v) for s, v in data.idx.items()},
+    )
+
+
+# The steps of ``train``, in the order it runs them. The order is part of the result: torch's
+# random numbers (head initialisation, DataLoader seeds) are drawn in it, and a resumed run
+# must draw the ones an uninterrupted run draws.
+
+
+@dataclass
+class _Data:
+    """A run's labels and their split (``idx``: tile indices of train, val and test)."""
+
+    labels: LabelSet
+    idx: dict[str, list[int]]
+    train: LabelSet
+    val: LabelSet
+    test: LabelSet
+
+
+def _fresh_state() -> dict[str, Any]:
+    return {
+        "step": 0,
+        "epoch": 0,
+        "best_score": None,
+        "best_step": -1,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "history": [],
+        "stopped_early": False,
+    }
+
+
+@dataclass
+class _Run:
+    """What the steps of one run share, built once by ``_build_run``. ``state`` is what
+    ``checkpoints/last/state.json`` holds (step, epoch, best model, history); it changes
+    as the run trains and is replaced by the saved one on resume."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    data: _Data
+    card: ModelCard
+    macenko: MacenkoNormalizer | None
+    model: TmeNet
+    params: list[torch.nn.Parameter]  # the trained ones (heads only for a linear probe)
+    opt: torch.optim.Optimizer
+    ds: TileDataset  # the training split, augmented
+    steps_per_epoch: int
+    total: int  # optimizer steps of the schedule
+    sched: torch.optim.lr_scheduler.LambdaLR
+    weight: torch.Tensor | None  # cross-entropy class weights
+    use_amp: bool
+    amp_dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+    metric: str  # the validation metric that picks the best model
+    state: dict[str, Any] = field(default_factory=_fresh_state)
+    cfg_json: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_dir(self) -> Path:
+        return self.out / LAST_DIR
+
+
+def _check_output_folder(cfg: TrainConfig) -> bool:
+    """Whether the run resumes the checkpoint in ``cfg.out``. Refuses a folder holding a
+    run unless ``cfg.resume``, and a batch size, epoch count or learning rate of no use."""
     out = Path(cfg.out)
     last_dir = out / LAST_DIR
     resuming = cfg.resume and (last_dir / STATE_FILE).is_file()
@@ -371,9 +305,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
         raise InputError("batch_size and epochs must be >= 1 and lr > 0")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    return resuming
 
+
+def _load_data(cfg: TrainConfig, resuming: bool) -> _Data:
+    """Labels and their split: ``split.csv`` of the run when resuming, else a new split
+    written there (the output folder is created here)."""
     labels = load_labels(
         cfg.data,
         cfg.tile_px,
@@ -384,6 +321,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.cell_roles,
         cfg.allow_empty_classes,
     )
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     split_csv = out / "split.csv"
     if resuming and split_csv.is_file():
@@ -398,15 +336,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     missing = [c for c, n in train_set.label_counts().items() if n == 0]
     if missing and labels.has_tissue:
         log.warning("classes %s have no training tiles (all in val/test)", missing)
+    return _Data(labels, idx, train_set, val_set, test_set)
 
-    card = build_card(cfg, labels)
+
+def _build_run(cfg: TrainConfig, data: _Data, device: torch.device) -> _Run:
+    """The card, the model (initial weights), optimizer, learning-rate schedule, loss
+    weights and mixed-precision scaler of a fresh run."""
+    card = build_card(cfg, data.labels)
     macenko = None
     if cfg.macenko_target:
         # Fitted once; the card carries it so `tmequant predict` and `evaluate` apply it too.
         macenko, card.stain_normalization = macenko_from_target(cfg.macenko_target)
     model = create_model(card, pretrained=cfg.pretrained and not cfg.init_from)
     if cfg.init_from:
-        _init_weights(model, cfg.init_from)
+        init_weights(model, cfg.init_from)
     model.to(device)
     if cfg.linear_probe:
         for p in model.backbone.parameters():
@@ -415,9 +358,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     ds = TileDataset(
-        train_set, cfg.tile_px, cfg.mpp_um, card.mean, card.std, cfg.augment, cfg.seed, macenko
+        data.train, cfg.tile_px, cfg.mpp_um, card.mean, card.std, cfg.augment, cfg.seed, macenko
     )
-    steps_per_epoch = _steps_per_epoch(len(train_set), cfg.batch_size)
+    steps_per_epoch = _steps_per_epoch(len(data.train), cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -425,170 +368,231 @@ def train(cfg: TrainConfig) -> TrainResult:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio)
     )
-    weight = _class_weights(train_set, cfg.class_weights)
+    weight = class_weights(data.train, cfg.class_weights)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    metric = _select(cfg, labels)
+    return _Run(
+        cfg=cfg,
+        out=Path(cfg.out),
+        device=device,
+        data=data,
+        card=card,
+        macenko=macenko,
+        model=model,
+        params=params,
+        opt=opt,
+        ds=ds,
+        steps_per_epoch=steps_per_epoch,
+        total=total,
+        sched=sched,
+        weight=weight,
+        use_amp=use_amp,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        metric=_select(cfg, data.labels),
+    )
 
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "best_score": None,
-        "best_step": -1,
-        "best_epoch": -1,
-        "bad_epochs": 0,
-        "history": [],
-        "stopped_early": False,
-    }
-    if resuming:
-        saved = json.loads((last_dir / STATE_FILE).read_text(encoding="utf-8")).get("config", {})
-        free = {
-            "resume",
-            "stop_after_steps",
-            "progress",
-            "device",
-            "num_workers",
-            "data",
-            "out",
-            "eval_train_max",
-        }
-        now = to_jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg)})
-        changed = sorted(k for k in now if k not in free and k in saved and saved[k] != now[k])
-        if changed:
-            raise InputError(
-                f"--resume with changed settings {changed}: the run would not be the "
-                "one that was started (use the same options or a new --out)",
-                out,
-            )
-        state = load_checkpoint(last_dir, model, opt)
-        sched.last_epoch = state["step"]  # the optimizer state holds that step's learning rate
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        log.info("resuming %s at step %d (epoch %d)", out, state["step"], state["epoch"])
 
+# Settings a resumed run may change: none of them changes the weights it ends with.
+_FREE_ON_RESUME = frozenset(
+    {"resume", "stop_after_steps", "progress", "device", "num_workers", "data", "out",
+     "eval_train_max"}
+)
+
+
+def _restore_checkpoint(run: _Run) -> None:
+    """Continue from ``checkpoints/last``: refuse changed settings, then restore weights,
+    optimizer, RNG states, the schedule's step and the loss scaler."""
+    cfg = run.cfg
+    saved = saved_config(run.last_dir)
+    now = to_jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg)})
+    changed = sorted(
+        k for k in now if k not in _FREE_ON_RESUME and k in saved and saved[k] != now[k]
+    )
+    if changed:
+        raise InputError(
+            f"--resume with changed settings {changed}: the run would not be the "
+            "one that was started (use the same options or a new --out)",
+            run.out,
+        )
+    state = run.state = load_checkpoint(run.last_dir, run.model, run.opt)
+    run.sched.last_epoch = state["step"]  # the optimizer state holds that step's learning rate
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    log.info("resuming %s at step %d (epoch %d)", run.out, state["step"], state["epoch"])
+
+
+def _config_json(cfg: TrainConfig, labels: LabelSet) -> dict[str, Any]:
+    """The run's settings as JSON (``data``: the label source), for checkpoints and card."""
     # fields one by one: asdict() would deep-copy a LabelSet passed as data
     cfg_json = to_jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "data"})
     cfg_json["data"] = labels.source
-    stop_at = total if cfg.stop_after_steps is None else min(total, cfg.stop_after_steps)
+    return cfg_json
 
-    def save_last() -> None:
-        state["scaler"] = scaler.state_dict() if scaler.is_enabled() else None
-        state["config"] = cfg_json
-        save_checkpoint(last_dir, model, card, opt, state)
 
-    with ProgressBar(total, "train", unit="steps", enabled=cfg.progress) as bar:
+def _save_last(run: _Run) -> None:
+    run.state["scaler"] = run.scaler.state_dict() if run.scaler.is_enabled() else None
+    run.state["config"] = run.cfg_json
+    save_checkpoint(run.last_dir, run.model, run.card, run.opt, run.state)
+
+
+def _train_epochs(run: _Run) -> None:
+    """Epochs until the schedule ends or early stopping; stopped by ``stop_after_steps``
+    mid-epoch, the run is saved for ``--resume``."""
+    cfg, state = run.cfg, run.state
+    stop_at = run.total if cfg.stop_after_steps is None else min(run.total, cfg.stop_after_steps)
+    with ProgressBar(run.total, "train", unit="steps", enabled=cfg.progress) as bar:
         bar.update(state["step"])
         while state["step"] < stop_at and not state["stopped_early"]:
             epoch = state["epoch"]
-            ds.set_epoch(epoch)
-            batches = _batches(len(train_set), cfg.batch_size, cfg.seed, epoch)
-            done_in_epoch = state["step"] - epoch * steps_per_epoch
-            loader = torch.utils.data.DataLoader(
-                ds, batch_sampler=batches[done_in_epoch:], num_workers=cfg.num_workers
-            )
-            model.train()
-            if cfg.linear_probe:
-                model.backbone.eval()  # frozen: keep BatchNorm statistics and no dropout
-            losses = []
-            for x, y, counts in loader:
-                x, y, counts = x.to(device), y.to(device), counts.to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    o = model(x)
-                loss, _ = compute_loss(o, y, counts, cfg, weight)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                state["step"] += 1
-                losses.append(float(loss.detach()))
-                bar.update(1, stage=f"epoch {epoch + 1} loss {losses[-1]:.3f}")
-                if state["step"] >= stop_at:
-                    break
-            epoch_done = state["step"] - epoch * steps_per_epoch >= steps_per_epoch
-            if not epoch_done and state["step"] < total:
+            losses = _train_epoch(run, epoch, stop_at, bar)
+            epoch_done = state["step"] - epoch * run.steps_per_epoch >= run.steps_per_epoch
+            if not epoch_done and state["step"] < run.total:
                 # interrupted mid-epoch (stop_after_steps): save and leave, resumable
-                save_last()
+                _save_last(run)
                 break
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": state["step"],
-                "lr": float(opt.param_groups[0]["lr"]),
-                "train_loss": float(np.mean(losses)) if losses else math.nan,
-            }
-            if len(val_set):
-                ev = evaluate_labels(
-                    model,
-                    card,
-                    val_set,
-                    cfg.batch_size,
-                    device,
-                    macenko,
-                    progress=False,
-                    loss_cfg=cfg,
-                )
-                row["val_loss"] = ev.get("loss")
-                row[f"val_{metric}"] = score = _score(metric, ev)
-            else:
-                score = -row["train_loss"]  # no validation split: keep the last model
-            state["history"].append(row)
-            log.info(
-                "epoch %d: %s",
-                epoch + 1,
-                ", ".join(
-                    f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "epoch"
-                ),
-            )
-            best = state["best_score"]
-            if len(val_set) == 0 or best is None or (math.isfinite(score) and score > best):
-                state.update(
-                    best_score=score, best_step=state["step"], best_epoch=epoch + 1, bad_epochs=0
-                )
-                save_model(out, model, card)
-            else:
-                state["bad_epochs"] += 1
-                if cfg.patience and state["bad_epochs"] >= cfg.patience and len(val_set):
-                    state["stopped_early"] = True
-                    log.info("early stop: no better val %s for %d epochs", metric, cfg.patience)
-            state["epoch"] = epoch + 1
-            save_last()
-            if state["step"] >= total:
+            _end_epoch(run, epoch, losses)
+            if state["step"] >= run.total:
                 break
 
-    finished = state["step"] >= total or state["stopped_early"]
+
+def _train_epoch(run: _Run, epoch: int, stop_at: int, bar: ProgressBar) -> list[float]:
+    """The optimizer steps of ``epoch`` from the run's step on (all of them unless resumed
+    mid-epoch), up to step ``stop_at``; returns their losses."""
+    cfg, state, device = run.cfg, run.state, run.device
+    run.ds.set_epoch(epoch)
+    batches = _batches(len(run.data.train), cfg.batch_size, cfg.seed, epoch)
+    done_in_epoch = state["step"] - epoch * run.steps_per_epoch
+    loader = torch.utils.data.DataLoader(
+        run.ds, batch_sampler=batches[done_in_epoch:], num_workers=cfg.num_workers
+    )
+    run.model.train()
+    if cfg.linear_probe:
+        run.model.backbone.eval()  # frozen: keep BatchNorm statistics and no dropout
+    losses = []
+    for x, y, counts in loader:
+        x, y, counts = x.to(device), y.to(device), counts.to(device)
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+            o = run.model(x)
+        loss, _ = compute_loss(o, y, counts, cfg, run.weight)
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            run.scaler.unscale_(run.opt)
+            torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.sched.step()
+        state["step"] += 1
+        losses.append(float(loss.detach()))
+        bar.update(1, stage=f"epoch {epoch + 1} loss {losses[-1]:.3f}")
+        if state["step"] >= stop_at:
+            break
+    return losses
+
+
+def _end_epoch(run: _Run, epoch: int, losses: list[float]) -> None:
+    """Validate and log the epoch; keep the model in ``out`` when it is the best so far
+    (else count towards early stopping); checkpoint the run."""
+    cfg, state, val_set = run.cfg, run.state, run.data.val
+    row, score = _validate(run, epoch, losses)
+    state["history"].append(row)
+    log.info(
+        "epoch %d: %s",
+        epoch + 1,
+        ", ".join(
+            f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "epoch"
+        ),
+    )
+    best = state["best_score"]
+    if len(val_set) == 0 or best is None or (math.isfinite(score) and score > best):
+        state.update(best_score=score, best_step=state["step"], best_epoch=epoch + 1, bad_epochs=0)
+        save_model(run.out, run.model, run.card)
+    else:
+        state["bad_epochs"] += 1
+        if cfg.patience and state["bad_epochs"] >= cfg.patience and len(val_set):
+            state["stopped_early"] = True
+            log.info("early stop: no better val %s for %d epochs", run.metric, cfg.patience)
+    state["epoch"] = epoch + 1
+    _save_last(run)
+
+
+def _validate(run: _Run, epoch: int, losses: list[float]) -> tuple[dict[str, Any], float]:
+    """The epoch's history row and its score (higher is better): the validation metric, or
+    minus the training loss without a validation split."""
+    cfg, val_set = run.cfg, run.data.val
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": run.state["step"],
+        "lr": float(run.opt.param_groups[0]["lr"]),
+        "train_loss": float(np.mean(losses)) if losses else math.nan,
+    }
+    if len(val_set):
+        ev = evaluate_labels(
+            run.model,
+            run.card,
+            val_set,
+            cfg.batch_size,
+            run.device,
+            run.macenko,
+            progress=False,
+            loss_cfg=cfg,
+        )
+        row["val_loss"] = ev.get("loss")
+        row[f"val_{run.metric}"] = score = _score(run.metric, ev)
+    else:
+        score = -row["train_loss"]  # no validation split: keep the last model
+    return row, score
+
+
+def _end_training(run: _Run) -> bool:
+    """Whether the run finished (else it says how to resume); makes sure ``out`` holds a
+    model even when the run stopped before its first epoch ended."""
+    state = run.state
+    finished = state["step"] >= run.total or state["stopped_early"]
     if not finished:
-        log.info("stopped at step %d of %d; rerun with --resume to continue", state["step"], total)
-    if not (out / "model.safetensors").is_file():  # stopped before the first epoch ended
-        save_model(out, model, card)
+        log.info("stopped at step %d of %d; rerun with --resume to continue", state["step"], run.total)
+    if not (run.out / "model.safetensors").is_file():  # stopped before the first epoch ended
+        save_model(run.out, run.model, run.card)
+    return finished
 
-    # final evaluation of the best model
-    from tmequant.models import load_folder
 
-    best = load_folder(out, device)
+def _evaluate_best(run: _Run, best: LoadedModel, finished: bool) -> dict[str, Any]:
+    """Metrics of the best model on validation, test and (a sample of) the training split,
+    written to ``metrics.json``."""
+    cfg, state, data = run.cfg, run.state, run.data
     metrics: dict[str, Any] = {
-        "select_metric": metric,
+        "select_metric": run.metric,
         "best_epoch": state["best_epoch"],
         "best_step": state["best_step"],
         "steps": state["step"],
-        "total_steps": total,
+        "total_steps": run.total,
         "finished": finished,
         "stopped_early": state["stopped_early"],
     }
-    for split_name, subset in (("val", val_set), ("test", test_set)):
+    for split_name, subset in (("val", data.val), ("test", data.test)):
         if len(subset):
             metrics[split_name] = evaluate_labels(
                 best.model,
                 best.card,
                 subset,
                 cfg.batch_size,
-                device,
-                macenko,
+                run.device,
+                run.macenko,
                 progress=cfg.progress,
             )
+    tr = _train_sample(cfg, data.train)
+    if len(tr):
+        metrics["train"] = evaluate_labels(
+            best.model, best.card, tr, cfg.batch_size, run.device, run.macenko, progress=cfg.progress
+        )
+    (run.out / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=1), encoding="utf-8")
+    return metrics
+
+
+def _train_sample(cfg: TrainConfig, train_set: LabelSet) -> LabelSet:
+    """The training tiles evaluated at the end: at most ``eval_train_max`` (a seeded pick)."""
     tr = train_set
     if cfg.eval_train_max <= 0:
         tr = train_set.subset([])
@@ -597,57 +601,50 @@ def train(cfg: TrainConfig) -> TrainResult:
             len(tr), cfg.eval_train_max, replace=False
         )
         tr = tr.subset(sorted(pick.tolist()))
-    if len(tr):
-        metrics["train"] = evaluate_labels(
-            best.model, best.card, tr, cfg.batch_size, device, macenko, progress=cfg.progress
-        )
-    (out / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=1), encoding="utf-8")
+    return tr
+
+
+def _write_figures(run: _Run, metrics: dict[str, Any]) -> None:
+    """``confusion_matrix.png`` (validation split, else training) and ``training_curves.png``."""
     shown = metrics.get("val") or metrics.get("train") or {}
     if "tissue" in shown:
         plot_confusion(
-            out / "confusion_matrix.png",
+            run.out / "confusion_matrix.png",
             np.asarray(shown["tissue"]["confusion_matrix"]),
             shown["tissue"]["classes"],
-            title=f"{card.name}: {'validation' if 'val' in metrics else 'training'} split",
+            title=f"{run.card.name}: {'validation' if 'val' in metrics else 'training'} split",
         )
-    plot_curves(out / "training_curves.png", state["history"], metric)
+    plot_curves(run.out / "training_curves.png", run.state["history"], run.metric)
 
-    # provenance and metrics into the card of the best model
-    card = best.card
+
+def _record_in_card(
+    run: _Run, card: ModelCard, metrics: dict[str, Any], finished: bool, t_start: float
+) -> ModelCard:
+    """Provenance and headline metrics into the best model's card (``out/model.json``)."""
+    cfg, state, data = run.cfg, run.state, run.data
     card.training = {
-        "data": labels.source,
-        "n_tiles": {s: len(v) for s, v in idx.items()},
-        "split_by": _split_level(labels),
-        "config": cfg_json,
-        "params_hash": params_hash(cfg_json),
+        "data": data.labels.source,
+        "n_tiles": {s: len(v) for s, v in data.idx.items()},
+        "split_by": _split_level(data.labels),
+        "config": run.cfg_json,
+        "params_hash": params_hash(run.cfg_json),
         "init": cfg.init_from or ("imagenet" if cfg.pretrained else "random"),
         "steps": state["step"],
         "best_step": state["best_step"],
         "best_epoch": state["best_epoch"],
-        "device": device.type,
-        "amp": use_amp,
+        "device": run.device.type,
+        "amp": run.use_amp,
         "package_version": package_version(),
         "torch_version": torch.__version__,
         "wall_s": round(time.time() - t_start, 1),
         "finished": finished,
     }
     card.metrics = _card_metrics(metrics)
-    card.save(out / "model.json")
-    return TrainResult(
-        out_dir=out,
-        card=card,
-        metrics=metrics,
-        history=state["history"],
-        best_step=state["best_step"],
-        steps=state["step"],
-        stopped_early=state["stopped_early"],
-        split_counts={s: len(v) for s, v in idx.items()},
-    )
+    card.save(run.out / "model.json")
+    return card
 
 
 def _split_level(labels: LabelSet) -> str:
-    from tmequant.training.splits import group_key
-
     return group_key(labels)[0]
 
 

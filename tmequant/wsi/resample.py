@@ -25,7 +25,11 @@ def read_resampled(
 
     Downscaling uses an area (box) filter: the exact mean for integer ratios and area
     weights otherwise, so no aliasing; upscaling is bicubic. A region that maps 1:1 onto
-    integer level pixels is sliced without resampling.
+    integer level pixels is sliced without resampling. The box and the output need not have
+    one aspect ratio: on a slide with non-square pixels (0.25 x 0.5 um/px read at 1 um/px)
+    the axes scale by different factors (4 and 2), and each axis decides (area filter when
+    both shrink, bicubic, antialiased where it shrinks, when one grows). On square pixels
+    the x axis decides, as it always has.
     """
     ow, oh = int(out_size[0]), int(out_size[1])
     lds = slide.info.level_downsamples[level]
@@ -33,16 +37,19 @@ def read_resampled(
     if (abs(bx1 - bx0 - ow) < 1e-6 and abs(by1 - by0 - oh) < 1e-6
             and abs(bx0 - round(bx0)) < 1e-6 and abs(by0 - round(by0)) < 1e-6):
         return slide.read_region(level, round(round(bx0) * lds), round(round(by0) * lds), ow, oh)
-    down = (bx1 - bx0) >= ow
     fx, fy = (bx1 - bx0) / ow, (by1 - by0) / oh
-    if (down and abs(fx - round(fx)) < 1e-9 and abs(fy - round(fy)) < 1e-9 and round(fx) == round(fy)
+    square = _square_pixels(slide)
+    # square pixels: exactly the rule (and so the pixels) of before non-square support
+    down = (bx1 - bx0) >= ow if square else (fx >= 1 - 1e-9 and fy >= 1 - 1e-9)
+    if (down and abs(fx - round(fx)) < 1e-9 and abs(fy - round(fy)) < 1e-9
+            and (round(fx) == round(fy) or not square)
             and abs(bx0 - round(bx0)) < 1e-6 and abs(by0 - round(by0)) < 1e-6):
         # integer factor on whole pixels (0.25 -> 0.5 um/px): Pillow's reduce() is the same
-        # box mean as resize(BOX) at about 40% of its cost
-        f = int(round(fx))
+        # box mean as resize(BOX) at about 40% of its cost (per axis on non-square pixels)
+        f, g = int(round(fx)), int(round(fy))
         ix0, iy0 = int(round(bx0)), int(round(by0))
-        region = slide.read_region(level, round(ix0 * lds), round(iy0 * lds), ow * f, oh * f)
-        return np.asarray(Image.fromarray(region).reduce(f))
+        region = slide.read_region(level, round(ix0 * lds), round(iy0 * lds), ow * f, oh * g)
+        return np.asarray(Image.fromarray(region).reduce(f if f == g else (f, g)))
     # the box filter only weighs pixels inside the box; bicubic needs neighbours
     m = 0 if down else _MARGIN_PX
     ix0, iy0 = math.floor(bx0) - m, math.floor(by0) - m
@@ -55,3 +62,10 @@ def read_resampled(
         box=(bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0),
     )
     return np.asarray(out)
+
+
+def _square_pixels(slide: Slide) -> bool:
+    """Whether the slide's level-0 pixels are square (unknown sizes count as square)."""
+    info = slide.info
+    mx, my = getattr(info, "mpp_x_um", None), getattr(info, "mpp_y_um", None)
+    return mx is None or my is None or mx == my

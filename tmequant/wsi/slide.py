@@ -6,6 +6,10 @@ explicit value wins, and a disagreement with the file is logged) -> ``vendor`` (
 ``openslide.mpp-x/y`` from vendor metadata) -> ``tiff-resolution`` (X/YResolution with a real
 unit, centimetre or inch, and a plausible value) -> ``ome`` (``PhysicalSizeX/Y``). It is never
 estimated from the objective power. Values outside 0.05-20 um/px are refused.
+
+Pixels need not be square: x and y sizes differing by more than 1% are carried separately
+(``SlideInfo.pixel_size``, :class:`tmequant.pixelsize.PixelSize`) and every later step
+converts level-0 pixels per axis; within 1% they are one size, their mean (as before).
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from tmequant.defaults import MPP_MAX_UM, MPP_MIN_UM, mpp_in_range
 from tmequant.errors import SlideError
+from tmequant.pixelsize import PixelSize
 
 log = logging.getLogger("tmequant")
 
-MPP_MIN_UM, MPP_MAX_UM = 0.05, 20.0
-NON_SQUARE_TOLERANCE = 0.01  # x and y pixel sizes differing by more than 1% are refused
+# x and y pixel sizes within 1% of each other are one size (their mean: a length is then off
+# by < 0.5%, an area by < 0.003%); beyond, they are carried separately (PixelSize)
+NON_SQUARE_TOLERANCE = 0.01
 MPP_SOURCES = ("vendor", "tiff-resolution", "ome", "override")
 MAX_OME_XML_CHARS = 16 << 20
 _UNIT_TO_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0,
@@ -45,7 +52,10 @@ class SlideInfo:
 
     ``level_dimensions`` are (width, height) in pixels per level; ``level_downsamples`` are
     level-0 pixels per level pixel (the pyramid's integer factor where the sizes show one,
-    see :func:`nominal_downsamples`); ``mpp_um`` is level-0 microns per pixel (mean of x, y).
+    see :func:`nominal_downsamples`); ``mpp_x_um``, ``mpp_y_um`` are level-0 microns per
+    pixel along x and y (equal for square pixels, see :attr:`pixel_size`); ``mpp_um`` is one
+    size: for square pixels that size, otherwise the geometric mean sqrt(x * y) (right for
+    areas, never for a length).
     """
 
     path: str
@@ -71,10 +81,19 @@ class SlideInfo:
         return self.level_dimensions[0]
 
     def level_mpp_um(self, level: int) -> float:
-        """Microns per pixel of ``level`` (requires a resolved MPP)."""
+        """Microns per pixel of ``level`` (requires a resolved MPP; see ``mpp_um``)."""
         if self.mpp_um is None:
             raise SlideError(_NO_MPP_FIX, self.path)
         return self.mpp_um * self.level_downsamples[level]
+
+    @property
+    def pixel_size(self) -> PixelSize:
+        """Level-0 pixel size along x and y (requires a resolved MPP)."""
+        if self.mpp_um is None:
+            raise SlideError(_NO_MPP_FIX, self.path)
+        mx = self.mpp_x_um if self.mpp_x_um is not None else self.mpp_um
+        my = self.mpp_y_um if self.mpp_y_um is not None else self.mpp_um
+        return PixelSize(mx, my)
 
 
 def _float(v: Any) -> float | None:
@@ -86,7 +105,7 @@ def _float(v: Any) -> float | None:
 
 
 def _plausible(mpp: float | None) -> bool:
-    return mpp is not None and MPP_MIN_UM <= mpp <= MPP_MAX_UM
+    return mpp_in_range(mpp)
 
 
 def _mpp_from_resolution(xres: Any, yres: Any, unit: Any) -> tuple[float, float] | None:
@@ -142,7 +161,11 @@ def resolve_mpp(
     override_um: float | None,
     require: bool = True,
 ) -> tuple[float | None, float | None, float | None, str | None]:
-    """Pick (mpp_um, mpp_x_um, mpp_y_um, source) in the documented order; refuse bad values."""
+    """Pick (mpp_um, mpp_x_um, mpp_y_um, source) in the documented order; refuse bad values.
+
+    x and y within NON_SQUARE_TOLERANCE are one size, their mean (``mpp_um = mpp_x_um =
+    mpp_y_um``); non-square pixels keep both, with ``mpp_um`` their geometric mean.
+    """
     found: tuple[float, float, str] | None = None
     vx, vy = vendor_mpp
     candidates: list[tuple[float, float, str]] = []
@@ -173,20 +196,20 @@ def resolve_mpp(
             raise SlideError(_NO_MPP_FIX, path)
         return None, None, None, None
     mx, my, src = found
-    mpp = (mx + my) / 2
+    square = abs(mx - my) <= NON_SQUARE_TOLERANCE * max(mx, my)
     if not (_plausible(mx) and _plausible(my)):
+        shown = f"{(mx + my) / 2:.4g}" if square else f"{mx:.4g} x {my:.4g}"
         raise SlideError(
-            f"pixel size {mpp:.4g} um/px ({src}) is outside {MPP_MIN_UM}-{MPP_MAX_UM} um/px; "
+            f"pixel size {shown} um/px ({src}) is outside {MPP_MIN_UM}-{MPP_MAX_UM} um/px; "
             "give the right value with --mpp-override X", path)
-    if abs(mx - my) > NON_SQUARE_TOLERANCE * max(mx, my):
-        # Tiles, areas and densities assume one pixel size; the mean of 0.25 and 0.5 would put
-        # every area off by ~12% (0.375^2 vs 0.125 um^2) without a word.
-        msg = (f"pixels are not square ({mx:.4g} x {my:.4g} um/px, {src}); tmequant needs one "
-               "pixel size: resample the slide to square pixels")
-        if require:
-            raise SlideError(msg, path)
-        log.warning("%s: %s", path, msg)
-    return mpp, mx, my, src
+    if square:
+        mpp = (mx + my) / 2
+        return mpp, mpp, mpp, src
+    # Non-square pixels (0.25 x 0.5 um): carried separately. Their mean (0.375) put every
+    # area off by ~12% (0.375^2 vs 0.125 um^2); the geometric mean is only for areas.
+    log.info("%s: pixels are not square (%.4g x %.4g um/px, %s): x and y are converted "
+             "separately", path, mx, my, src)
+    return math.sqrt(mx * my), mx, my, src
 
 
 class Slide:
@@ -244,33 +267,37 @@ class Slide:
                              f"{type(e).__name__}: {e}", self.info.path) from None
 
     def best_level_for_mpp(self, mpp_um: float) -> int:
-        """Coarsest level whose MPP is not coarser than ``mpp_um`` (0 if none is)."""
+        """Coarsest level whose MPP is not coarser than ``mpp_um`` (0 if none is); with
+        non-square pixels, along neither axis."""
+        coarsest = self.info.pixel_size.coarsest_um
         best = 0
         for lv, ds in enumerate(self.info.level_downsamples):
-            if self.info.level_mpp_um(lv) <= mpp_um * (1 + 1e-3) and ds >= self.info.level_downsamples[best]:
+            if coarsest * ds <= mpp_um * (1 + 1e-3) and ds >= self.info.level_downsamples[best]:
                 best = lv
         return best
 
     def read_thumbnail(self, mpp_um: float) -> np.ndarray:
-        """Whole slide as (h, w, 3) uint8 at ``mpp_um`` microns per pixel (area-averaged).
+        """Whole slide as (h, w, 3) uint8 at ``mpp_um`` microns per pixel along both axes
+        (area-averaged; square output pixels whatever the slide's).
 
-        ``h, w = ceil(level-0 size * slide_mpp / mpp_um)``; read in strips so memory stays
-        bounded by the output size.
+        ``w = ceil(level-0 width * slide_mpp_x / mpp_um)``, ``h`` likewise with y; read in
+        strips so memory stays bounded by the output size.
         """
         from tmequant.wsi.resample import read_resampled
 
-        ds = mpp_um / self.info.level_mpp_um(0)  # level-0 px per output px
+        dsx, dsy = self.info.pixel_size.px(mpp_um)  # level-0 px per output px, x and y
         w0, h0 = self.info.dimensions
-        ow, oh = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+        ow, oh = max(1, math.ceil(w0 / dsx)), max(1, math.ceil(h0 / dsy))
         level = self.best_level_for_mpp(mpp_um)
         out = np.empty((oh, ow, 3), np.uint8)
         # output rows per strip so that one read stays under ~64 MB of RGBA
         lds = self.info.level_downsamples[level]
-        bytes_per_out_row = (w0 / lds) * (ds / lds) * 4
+        bytes_per_out_row = (w0 / lds) * (dsy / lds) * 4
         strip = min(oh, max(8, int((64 << 20) / max(bytes_per_out_row, 1.0))))
         for y in range(0, oh, strip):
             sh = min(strip, oh - y)
-            out[y : y + sh] = read_resampled(self, level, (0.0, y * ds, ow * ds, (y + sh) * ds), (ow, sh))
+            out[y : y + sh] = read_resampled(self, level, (0.0, y * dsy, ow * dsx, (y + sh) * dsy),
+                                             (ow, sh))
         return out
 
     @property

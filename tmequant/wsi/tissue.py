@@ -4,7 +4,8 @@ A pixel is tissue when its colour saturation is above an Otsu threshold (floored
 blank slide yields no tissue rather than thresholded JPEG noise) and it is neither
 near-white glass nor near-black (pen, dirt, scanner border). Then a closing, removal of
 objects under ``min_object_area_mm2`` and filling of holes under ``max_hole_area_mm2``.
-Every size is in um or mm^2, converted with the image's ``mpp_um``.
+Every size is in um or mm^2, converted with the image's ``mpp_um`` (the image has square
+pixels: ``Slide.read_thumbnail`` makes them so whatever the slide's).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from tmequant.pixelsize import PixelSize
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,10 @@ def tissue_fraction_of_boxes(mask: np.ndarray, boxes_mask_px: np.ndarray) -> np.
     return (s / area).astype(np.float32)
 
 
-def mask_shape(level0_wh: tuple[int, int], slide_mpp_um: float, mask_mpp_um: float) -> tuple[int, int]:
-    """(h, w) of a mask at ``mask_mpp_um`` covering the whole level 0."""
-    ds = mask_mpp_um / slide_mpp_um
-    return max(1, math.ceil(level0_wh[1] / ds)), max(1, math.ceil(level0_wh[0] / ds))
+def mask_shape(level0_wh: tuple[int, int], slide_mpp_um: float | PixelSize,
+               mask_mpp_um: float) -> tuple[int, int]:
+    """(h, w) of a mask at ``mask_mpp_um`` (square mask pixels) covering the whole level 0;
+    ``slide_mpp_um``: the level-0 pixel size, one number or a PixelSize (x, y)."""
+    px = slide_mpp_um if isinstance(slide_mpp_um, PixelSize) else PixelSize.square(slide_mpp_um)
+    dsx, dsy = px.px(mask_mpp_um)
+    return max(1, math.ceil(level0_wh[1] / dsy)), max(1, math.ceil(level0_wh[0] / dsx))

@@ -13,6 +13,9 @@ Coordinates are level-0 pixels with the origin at the top-left of the full-resol
 older forms QuPath wrote: a bare list of features, ``measurements`` as a list of
 ``{"name", "value"}`` and ``classification.colorRGB`` as a packed int; a cell's
 ``nucleusGeometry`` is used as its geometry when present (nucleus centroid = cell position).
+
+A slide's results as QuPath objects (tiles with their measurements, compartment and TLS
+annotations): :mod:`tmequant.qupath.export`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import shapely
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
+from tmequant.atomic import atomic_write_bytes
 from tmequant.errors import CellTableError
+from tmequant.pixelsize import pitch_xy
 
 OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
 DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB: a whole-slide cell export is a few hundred MB
@@ -187,12 +192,14 @@ def read_features(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYT
 
 # --- writing ---------------------------------------------------------------------------
 def grid_mask_to_polygons(
-    mask: np.ndarray, origin_rowcol: tuple[int, int] = (0, 0), tile_level0_px: float = 1.0
+    mask: np.ndarray, origin_rowcol: tuple[int, int] = (0, 0),
+    tile_level0_px: float | tuple[float, float] = 1.0,
 ) -> list[BaseGeometry]:
     """Boolean grid (rows, cols) -> polygons in level-0 px, one per edge-connected part.
 
     Cell (r, c) of ``mask`` covers level-0 x in [(c + c0) * s, (c + c0 + 1) * s) and y likewise
-    with ``s = tile_level0_px`` and ``(r0, c0) = origin_rowcol`` (the store's grid anchoring).
+    with ``s = tile_level0_px`` and ``(r0, c0) = origin_rowcol`` (the store's grid anchoring);
+    ``tile_level0_px`` may be (x, y), the pitch along each axis (non-square pixels).
     Pixel squares are unioned, so holes are kept; parts touching only at a corner come out
     as separate polygons (a valid GeoJSON polygon cannot touch itself at a point).
     """
@@ -200,14 +207,14 @@ def grid_mask_to_polygons(
     if not mask.any():
         return []
     r0, c0 = origin_rowcol
-    s = float(tile_level0_px)
+    sx, sy = pitch_xy(tile_level0_px)
     # Union runs of consecutive True cells per row first: far fewer boxes than cells.
     padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
     padded[:, 1:-1] = mask
     d = np.diff(padded, axis=1)
     rs, starts = np.nonzero(d == 1)
     _, ends = np.nonzero(d == -1)
-    boxes = shapely.box((starts + c0) * s, (rs + r0) * s, (ends + c0) * s, (rs + r0 + 1) * s)
+    boxes = shapely.box((starts + c0) * sx, (rs + r0) * sy, (ends + c0) * sx, (rs + r0 + 1) * sy)
     merged = shapely.union_all(boxes)
     geoms = list(getattr(merged, "geoms", [merged]))
     return [shapely.simplify(g, 0.0) for g in geoms if g.geom_type == "Polygon" and not g.is_empty]
@@ -307,14 +314,6 @@ def write_feature_collection(
             f = qupath_feature(f.geometry, f.object_type if f.object_type in OBJECT_TYPES else "annotation",
                                name=f.name, classification=f.classification, measurements=f.measurements)
         feats.append(f)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps({"type": "FeatureCollection", "features": feats}, allow_nan=False)
-    tmp = p.with_name(p.name + ".tmp")
-    if gzip:
-        with _gzip.open(tmp, "wt", encoding="utf-8") as fh:
-            fh.write(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    raw = data.encode("utf-8")
+    return atomic_write_bytes(path, _gzip.compress(raw) if gzip else raw)
