@@ -188,7 +188,143 @@ def run_plain_timm(a: argparse.Namespace) -> dict:
     return {"n_tiles": n_batches * a.batch_size, "stages": st.rows, "model": f"timm {a.arch}"}
 
 
-METHODS = {"tmequant": run_tmequant, "plain_timm": run_plain_timm}
+def _timm_classifier(arch: str):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model(arch, pretrained=False, num_classes=N_CLASSES).eval()
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def run_lazyslide(a: argparse.Namespace) -> dict:  # runs inside the LazySlide venv
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import lazyslide as zs
+    from torchvision.transforms import v2 as T
+
+    st = Stages()
+    st.begin("open_tissue")
+    wsi = zs.open_wsi(a.slide, store=str(Path(a.work) / "lazyslide.zarr"))
+    zs.pp.find_tissues(wsi)  # its defaults (Otsu on an automatically chosen level)
+    st.end("open_tissue", n_tissues=len(wsi.shapes["tissues"]))
+
+    st.begin("tiling")  # coordinates only: pixels are read in inference
+    zs.pp.tile_tissues(wsi, a.tile_px, mpp=a.mpp, background_fraction=1.0 - a.min_tissue)
+    n = len(wsi.shapes["tiles"])
+    st.end("tiling")
+
+    st.begin("inference")
+    net = _timm_classifier(a.arch)
+    tf = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    probs = zs.tl.feature_extraction(
+        wsi, net, model_name=f"timm-{a.arch}", transform=tf, device="cpu", amp=False,
+        batch_size=a.batch_size, num_workers=a.peer_readers, pbar=False, return_features=True)
+    wsi.write()  # persist tiles and predictions in its SpatialData store, as tmequant does
+    st.end("inference")
+
+    st.begin("biomarkers")
+    counts = _argmax_counts(probs)
+    st.end("biomarkers", note="per-class tile count (argmax)")
+    import importlib.metadata as md
+
+    return {"n_tiles": n, "stages": st.rows, "class_tile_counts": counts,
+            "model": f"timm {a.arch} (feature_extraction with the classifier as the model)",
+            "versions": {p: md.version(p) for p in ("lazyslide", "wsidata", "torch", "timm")},
+            "reader_workers": a.peer_readers,
+            "reader": type(wsi.reader).__name__}
+
+
+_TIA_MIN_MASK_RATIO = 0.0
+
+
+def _tia_dataset_class(base):
+    """TIAToolbox's WSIPatchDataset with ``min_mask_ratio`` set: its patch filter has the
+    setting, its PatchPredictor engine does not pass it (and keeps any patch touching the
+    mask)."""
+
+    class WSIPatchDatasetMinRatio(base):
+        def __init__(self, *args, **kw):
+            kw.setdefault("min_mask_ratio", _TIA_MIN_MASK_RATIO)
+            super().__init__(*args, **kw)
+
+    return WSIPatchDatasetMinRatio
+
+
+def run_tiatoolbox(a: argparse.Namespace) -> dict:  # runs inside the TIAToolbox venv
+    global _TIA_MIN_MASK_RATIO
+    import logging
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from PIL import Image
+    import tiatoolbox.models.engine.engine_abc as eabc
+    from tiatoolbox import logger as tia_logger
+    from tiatoolbox.models.architecture.vanilla import TimmModel
+    from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
+    from tiatoolbox.models.engine.patch_predictor import PatchPredictor
+    from tiatoolbox.wsicore.wsireader import WSIReader
+
+    tia_logger.setLevel(logging.WARNING)
+    _TIA_MIN_MASK_RATIO = a.min_tissue
+    eabc.WSIPatchDataset = _tia_dataset_class(eabc.WSIPatchDataset)
+    work = Path(a.work)
+    st = Stages()
+    st.begin("open_tissue")  # what its engine does with auto_get_mask, done explicitly
+    reader = WSIReader.open(a.slide)
+    try:
+        mask = reader.tissue_mask(resolution=1.25, units="power")
+    except ValueError:
+        mask = reader.tissue_mask(resolution=6.0, units="mpp")
+    mask_png = work / "tissue_mask.png"
+    Image.fromarray((np.asarray(mask.img) > 0).astype(np.uint8) * 255).convert("RGB").save(mask_png)
+    st.end("open_tissue")
+    st.skip("tiling", "no separate step: patches are read during inference")
+
+    st.begin("inference")
+    model = TimmModel(a.arch, num_classes=N_CLASSES, pretrained=False)
+    pred = PatchPredictor(model=model, batch_size=a.batch_size, num_workers=a.peer_readers,
+                          device="cpu", verbose=False)
+    io = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": a.mpp}],
+                                patch_input_shape=(a.tile_px, a.tile_px),
+                                stride_shape=(a.tile_px, a.tile_px))
+    out = pred.run([Path(a.slide)], masks=[mask_png], patch_mode=False, ioconfig=io,
+                   save_dir=work / "tia_out", overwrite=True, output_type="zarr",
+                   return_probabilities=True)
+    st.end("inference")
+
+    st.begin("biomarkers")
+    import zarr
+
+    path = next(iter(out.values())) if isinstance(out, dict) else out
+    g = zarr.open_group(str(path), mode="r")
+    keys = list(g.array_keys())
+    probs = np.asarray(g["probabilities"][...]) if "probabilities" in keys else None
+    if probs is not None and probs.ndim == 2:
+        counts = _argmax_counts(probs)
+        n = len(probs)
+    else:
+        labels = np.asarray(g["predictions"][...]).ravel()
+        counts = {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+        n = len(labels)
+    st.end("biomarkers", note="per-class tile count (argmax)")
+    import importlib.metadata as md
+
+    return {"n_tiles": n, "stages": st.rows, "class_tile_counts": counts, "zarr_arrays": keys,
+            "model": f"tiatoolbox TimmModel({a.arch}) = timm {a.arch} backbone + linear",
+            "min_mask_ratio": a.min_tissue, "mask": "WSIReader.tissue_mask (Otsu) at 1.25x",
+            "reader": type(reader).__name__, "reader_workers": a.peer_readers,
+            "versions": {p: md.version(p) for p in ("tiatoolbox", "torch", "timm")}}
+
+
+METHODS = {"tmequant": run_tmequant, "plain_timm": run_plain_timm, "lazyslide": run_lazyslide,
+           "tiatoolbox": run_tiatoolbox}
 
 
 # --- orchestration ---------------------------------------------------------------------

@@ -9,8 +9,9 @@ Parts (``--parts``, each recorded on its own, one failing does not stop the othe
   device (``device``: tmequant's runner, uint8 NHWC normalised on the device, the engine's
   precision and memory format, at the input size the engine feeds: 224 px, or the detector's
   canvas of tile + 2 x context px; ``plain``: for the classifiers, the plain timm model on
-  float NCHW tensors under the same autocast) and ``predict_store`` from the store (whole
-  call, after one untimed warm-up chunk), with the store's share of the device figure;
+  float NCHW tensors under the same autocast) and ``predict_store`` from the store (the
+  whole call: model to device, DataLoader start-up, writing), with the store's share of
+  the device figure;
 - ``decode``: level-0 JPEG tiles of the slide decoded with ``torchvision.io.decode_jpeg``
   on the device (batched lists) against CPU decoding (imagecodecs, a thread pool of 1, 4,
   8, ... workers), in megapixels/s and in kept-tile equivalents (448 x 448 level-0 px per
@@ -151,20 +152,21 @@ def part_infer(a: argparse.Namespace, ctx: dict) -> dict:
         try:
             loaded = tq.load_model(name)
             bs = a.batch_size or default_batch_size(dev.type, loaded.card.tile_px)
-            n_batches = 2 if a.quick else max(4, min(40, 8192 // bs))
+            n_batches = 1 if a.quick else max(4, min(40, 8192 // bs))
             row["device"] = _device_rate(loaded, dev, bs, n_batches)
             if not loaded.card.is_detector:
                 row["plain"] = _plain_rate(loaded.card.arch, dev, bs, n_batches)
-            loaded = tq.load_model(name)  # a fresh copy for the engine
-            tq.predict_store(store, loaded, device=dev, batch_size=a.batch_size, overwrite=True,
-                             progress=False, max_chunks=1)  # warm-up, not timed
+            loaded = tq.load_model(name)  # a fresh copy for the engine (cudnn already tuned)
+            # --quick: one chunk of one batch (the code path, not the figure)
+            limit = {"chunk_rows": bs, "max_chunks": 1} if a.quick else {}
             t0, c0 = time.perf_counter(), _cpu()
             r = tq.predict_store(store, loaded, device=dev, batch_size=a.batch_size,
-                                 overwrite=True, progress=False)
+                                 overwrite=True, progress=False, **limit)
             _sync(dev)
             wall, cpu = time.perf_counter() - t0, _cpu() - c0
-            row["store"] = {"n_tiles": n_tiles, "wall_s": wall, "cpu_s": cpu,
-                            "tiles_per_s": n_tiles / wall, "loop_tiles_per_s": r.tiles_per_s,
+            done = r.n_computed or n_tiles
+            row["store"] = {"n_tiles": done, "wall_s": wall, "cpu_s": cpu,
+                            "tiles_per_s": done / wall, "loop_tiles_per_s": r.tiles_per_s,
                             "batch_size": r.batch_size, "precision": r.precision}
             row["share_of_device"] = row["store"]["tiles_per_s"] / row["device"]["tiles_per_s"]
             if "plain" in row:
@@ -262,7 +264,12 @@ def part_e2e(a: argparse.Namespace, ctx: dict) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
-        _, status, ru = os.wait4(p.pid, 0)
+        try:
+            _, status, ru = os.wait4(p.pid, 0)
+        except BaseException:  # SIGTERM from the caller's timeout: do not leave it running
+            p.kill()
+            p.wait()
+            raise
         wall = time.perf_counter() - t0
         log.seek(0)
         text = log.read().decode(errors="replace")
@@ -349,6 +356,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="few batches and tiles (CPU test)")
     a = ap.parse_args()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: clean up children
     import torch
 
     if a.threads:

@@ -53,7 +53,7 @@ fi
 # 2. the slide: ~15,000 kept tiles (44 x 33 blocks of 2048 px at 0.25 um/px); small with --quick
 WORK=${BENCH_WORK:-$(mktemp -d /tmp/tmq-bench-gpu-XXXXXX)}
 mkdir -p "$WORK"
-if [ -n "$QUICK" ]; then W=8192; H=8192; else W=90112; H=67584; fi
+if [ -n "$QUICK" ]; then W=4096; H=4096; else W=90112; H=67584; fi
 SLIDE="$WORK/bench_${W}x${H}.svs"
 if [ ! -s "$SLIDE" ]; then
   echo "[bench_gpu.sh] writing a ${W} x ${H} px slide"

@@ -51,7 +51,7 @@ def _sources(testdata: Path) -> list[np.ndarray]:
     for name, mpp in zip(SHARED, (None, 0.5)):
         with open_slide(testdata / name, mpp_override_um=mpp) as s:
             w, h = s.dimensions
-            out.append(s.read_region(0, 0, 0, w, h))
+            out.append(s.read_region((0, 0), 0, (w, h)))
     return out
 
 

@@ -67,10 +67,47 @@ def _private_cache(tmp_path_factory):
         os.environ["TMEQUANT_CACHE_DIR"] = old
 
 
+# The quick tier (`pytest -m "not slow"`) leaves out every test whose measured time
+# (setup + call + teardown) is over SLOW_S: tests/durations.json, written by
+# `python3 -m pytest --store-durations` (a full run; it merges with what is there).
+DURATIONS = Path(__file__).with_name("durations.json")
+SLOW_S = 0.5
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each test's time to tests/durations.json (the quick tier's input)")
+
+
+_times: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _times[report.nodeid] = _times.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not session.config.getoption("--store-durations") or not _times:
+        return
+    import json
+
+    old = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    old.update({k: round(v, 3) for k, v in _times.items()})
+    DURATIONS.write_text(json.dumps(dict(sorted(old.items())), indent=0) + "\n")
+
+
 def pytest_collection_modifyitems(config, items):
-    """``TMEQUANT_TEST_SHUFFLE=<seed>`` runs the suite in a seeded random order: the modules
-    shuffled, and the tests inside each (as pytest-randomly does, so module-scoped fixtures
-    are built once). The suite must pass in any order; this checks it without a plugin."""
+    """Marks the tests measured slower than SLOW_S ``slow``. ``TMEQUANT_TEST_SHUFFLE=<seed>``
+    runs the suite in a seeded random order: the modules shuffled, and the tests inside each
+    (as pytest-randomly does, so module-scoped fixtures are built once). The suite must pass
+    in any order; this checks it without a plugin."""
+    if DURATIONS.is_file():
+        import json
+
+        measured = json.loads(DURATIONS.read_text())
+        for it in items:
+            if measured.get(it.nodeid, 0.0) > SLOW_S:
+                it.add_marker(pytest.mark.slow)
     seed = os.environ.get("TMEQUANT_TEST_SHUFFLE")
     if not seed:
         return

@@ -628,7 +628,7 @@ def test_single_strip_tiff_is_read_without_decoding_it_whole(tmp_path: Path, cap
     assert n * n * 3 > slide_mod.MAX_CHUNK_BYTES
     with open_slide(raw) as s:
         assert isinstance(s._b.levels[0], np.memmap)
-        assert np.array_equal(s.read_region(0, 1990, 990, 64, 64), img[990:1054, 1990:2054])
+        assert np.array_equal(s.read_region((1990, 990), 0, (64, 64)), img[990:1054, 1990:2054])
     with pytest.raises(SlideError, match=r"packed.tif: level 0 is stored as compressed 72 MiB pieces"):
         open_slide(packed)
     rc = main(["-q", "tile", str(packed), "--out", str(tmp_path / "o"), "--mpp", "4", "--tile-px", "32"])

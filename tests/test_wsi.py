@@ -46,12 +46,12 @@ def test_writer_flavors_open_with_mpp(tmp_path, flavor):
         assert s.info.reader == ("tifffile" if flavor == "ome" else "openslide")
         assert s.info.level_dimensions == ((1500, 1100), (375, 275), (94, 69))
         assert s.info.level_downsamples[1] == pytest.approx(4.0)
-        region = s.read_region(0, 400, 300, 100, 50)
+        region = s.read_region((400, 300), 0, (100, 50))
         assert region.shape == (50, 100, 3) and region.dtype == np.uint8
         assert np.abs(region.astype(int) - PINK).mean() < 3
-        lvl1 = s.read_region(1, 400, 300, 20, 10)  # level-0 coords, level-1 size
+        lvl1 = s.read_region((400, 300), 1, (20, 10))  # level-0 coords, level-1 size
         assert np.abs(lvl1.astype(int) - PINK).mean() < 3
-        outside = s.read_region(0, 1490, 1090, 20, 20)
+        outside = s.read_region((1490, 1090), 0, (20, 20))
         assert (outside[10:, :] == 255).all() and (outside[:, 10:] == 255).all()
         thumb = s.read_thumbnail(8.0)
         assert thumb.shape == (35, 47, 3)
@@ -127,7 +127,7 @@ def test_truncated_tail_fails_on_read(tmp_path):
         assert "\n" not in str(e)
         return
     with s, pytest.raises(SlideError) as e:
-        s.read_region(0, 0, 0, 1024, 1024)
+        s.read_region((0, 0), 0, (1024, 1024))
     assert "\n" not in str(e.value)
 
 
@@ -138,7 +138,7 @@ def test_real_slides():
         assert s.info.mpp_um == pytest.approx(0.499, abs=1e-3)
         assert s.info.dimensions == (2220, 2967)
         assert set(s.info.associated_images) >= {"label", "macro", "thumbnail"}
-        direct = s.read_region(0, 1000, 1200, 300, 200)  # tiles decoded by tmequant
+        direct = s.read_region((1000, 1200), 0, (300, 200))  # tiles decoded by tmequant
     with openslide.OpenSlide(str(cmu)) as osr:
         ref = np.asarray(osr.read_region((1000, 1200), 0, (300, 200)).convert("RGB"))
     assert np.abs(direct.astype(int) - ref).max() <= 1
@@ -147,7 +147,7 @@ def test_real_slides():
         open_slide(tcga)
     with open_slide(tcga, mpp_override_um=0.5) as s:  # JPEG 2000 tiles decode
         assert s.info.level_dimensions == ((4443, 3567), (2221, 1783))
-        px = s.read_region(0, 2000, 1700, 64, 64)
+        px = s.read_region((2000, 1700), 0, (64, 64))
         assert px.std() > 5  # real tissue, not blank
     with openslide.OpenSlide(str(tcga)) as osr:
         ref = np.asarray(osr.read_region((2000, 1700), 0, (64, 64)).convert("RGB"))

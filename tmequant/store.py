@@ -72,6 +72,7 @@ ROOT_ATTRS = (
 AXIS_ATTRS = ("slide_mpp_x_um", "slide_mpp_y_um", "tile_level0_x_px", "tile_level0_y_px")
 
 COMPRESSIONS = ("zstd", "zstd-1", "zstd-9", "blosc-lz4", "none")  # lossless
+NO_PIXELS = "omit"  # tiling_params.compression of a store without tiles/images (--pixels none)
 # Every chunk is stored (all-zero ones too): a missing chunk is then damage, never "empty".
 _WRITE_CONFIG: Any = {"write_empty_chunks": True}  # zarr's ArrayConfigParams
 
@@ -448,8 +449,19 @@ class SlideStore:
 
     @property
     def images(self) -> StoreArray:
-        """(N, tile_px, tile_px, 3) uint8 array, read lazily (slice to load)."""
+        """(N, tile_px, tile_px, 3) uint8 array, read lazily (slice to load). A store made
+        without pixels (``--pixels none``) has none: :func:`tmequant.tiling.open_tiles` gives
+        a store's tiles either way (from the slide for such a store)."""
+        if not self.stores_pixels:
+            raise StoreError("store holds no pixels (tiled with --pixels none): read its tiles "
+                             "with tmequant.tiling.open_tiles(store)", self.path)
         return self._array(IMAGES)
+
+    @property
+    def stores_pixels(self) -> bool:
+        """False for a store tiled with ``--pixels none`` (no ``tiles/images``)."""
+        tp = self.attrs.get("tiling_params") or {}
+        return not (isinstance(tp, dict) and tp.get("compression") == NO_PIXELS)
 
     @property
     def tissue_mask(self) -> np.ndarray:
@@ -944,7 +956,9 @@ def verify_store(path: str | os.PathLike[str]) -> list[str]:
     except Exception as e:
         return [f"{p}: cannot list the store: {type(e).__name__}: {e}"]
     found = dict(members)
-    for key in (TISSUE_MASK, THUMBNAIL, COORDS, GRID, TISSUE_FRACTION, IMAGES):
+    tp = root.attrs.get("tiling_params") or {}
+    no_pixels = isinstance(tp, dict) and tp.get("compression") == NO_PIXELS
+    for key in (TISSUE_MASK, THUMBNAIL, COORDS, GRID, TISSUE_FRACTION) + (() if no_pixels else (IMAGES,)):
         arr = found.get(key)
         if not isinstance(arr, zarr.Array):
             problems.append(f"{p}: {key} is missing")

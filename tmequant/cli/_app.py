@@ -91,6 +91,10 @@ def finish_batch(batch: BatchResult, what: str, out_dir: Path | None = None) -> 
         raise typer.Exit(1)
 
 
+PIXELS_HELP = ("How tile pixels are stored: lossless (blosc-lz4, the default), a lossy image codec "
+               "with its quality (jpeg-95, jpegxl-95, avif-95: 1/3 to 1/5 of the bytes, measured "
+               "in the README), or none (coordinates only: predict reads the slide, which must stay "
+               "where it is, unchanged).")
 MPP_OVERRIDE_HELP = (f"Level-0 pixel size, um/px ({MPP_MIN_UM}-{MPP_MAX_UM:g}), for slides whose "
                      "file has no usable MPP; slides with one keep theirs (see --mpp-override-all). A manifest "
                      "`mpp` column wins per slide. Default: none (every file's own MPP).")

@@ -31,7 +31,8 @@ def predict_cmd(
                               f"{DEFAULT_MODEL}).", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b", help="Tiles per batch (default 32 on CPU, 256 on CUDA; halved on OOM)."),
+        None, "--batch-size", "-b", help="Tiles per batch (default 32 tiles of 224 px on CPU, 256 on CUDA, fewer for larger "
+        "tiles; halved on OOM)."),
     workers: int | None = typer.Option(
         None, "--workers", "-j", help="DataLoader reader processes (default: 1 on CPU, up to 8 on CUDA; 0 reads in this process)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (faster on GPU after warm-up)."),

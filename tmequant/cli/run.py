@@ -9,6 +9,7 @@ import typer
 from tmequant.cli._app import (
     MPP_OVERRIDE_ALL_HELP,
     MPP_OVERRIDE_HELP,
+    PIXELS_HELP,
     app,
     apply_mpp_override,
     fail,
@@ -36,6 +37,8 @@ def run_cmd(
         None, "--mpp", help="Target pixel size of the tiles, um/px (default: the model card's; 0.5 for the built-ins)."),
     tile_px: int | None = typer.Option(
         None, "--tile-px", help="Tile side in pixels at --mpp (default: the model card's; 224 for the built-ins)."),
+    pixels: str | None = typer.Option(
+        None, "--pixels", help=PIXELS_HELP + " [default: the [tiling] section's compression, else lossless]"),
     mpp_override: float | None = typer.Option(None, "--mpp-override", help=MPP_OVERRIDE_HELP),
     mpp_override_all: bool = typer.Option(False, "--mpp-override-all", help=MPP_OVERRIDE_ALL_HELP),
     counter: str = typer.Option(
@@ -43,8 +46,8 @@ def run_cmd(
         "head and no cell table is given: on or off.", show_default=True),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b", help="Tiles per inference batch (default: 32 on CPU, 256 on CUDA; "
-        "halved on out-of-memory)."),
+        None, "--batch-size", "-b", help="Tiles per inference batch (default: 32 tiles of 224 px on CPU, "
+        "256 on CUDA, fewer for larger tiles; halved on out-of-memory)."),
     workers: int | None = typer.Option(
         None, "--workers", "-j", help="Reader threads per slide for tiling and counting (default: min(4, CPUs))."),
     scheduler: str | None = typer.Option(
@@ -71,10 +74,12 @@ def run_cmd(
 
     A model trained on synthetic phantoms or untrained gives numbers that mean nothing on real tissue: run warns, and the report says so. Each slide's qc_flags column says what to check (thresholds: [qc] section).
     """
+    from tmequant.errors import InputError
     from tmequant.inputs import expand_slides
     from tmequant.params import biomarker_params_from_file, nucleus_counter_params_from_file
     from tmequant.pipeline import get_model, resolve_tiling_params, run_batch
     from tmequant.report.qc import qc_params_from_file
+    from tmequant.tiling.tile import pixels_compression
 
     if counter not in ("on", "off"):
         fail(f"--counter {counter!r}: use on or off", 2)
@@ -94,7 +99,12 @@ def run_cmd(
         fail("--mpp-override-all needs --mpp-override X", 2)
     card = get_model(model).card
     specs = apply_mpp_override(expand_slides(slides), mpp_override, mpp_override_all)
-    tiling = resolve_tiling_params(card, params, {"target_mpp_um": mpp, "tile_px": tile_px})
+    try:
+        compression = None if pixels is None else pixels_compression(pixels)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    tiling = resolve_tiling_params(card, params, {"target_mpp_um": mpp, "tile_px": tile_px,
+                                                  "compression": compression})
 
     res = run_batch(specs, out, model, tiling=tiling, params=bp, counter=ncp, cells_dir=cells_dir,
                     device=device, batch_size=batch_size, workers=workers, scheduler=scheduler,

@@ -25,6 +25,7 @@ from tmequant.inference.cells import ALIGN_PX, PAD_VALUE, HeatmapRunner
 from tmequant.models.detector import peaks_table, tissue_from_cells
 from tmequant.progress import ProgressBar
 from tmequant.store import SlideStore
+from tmequant.tiling.source import open_tiles
 
 log = logging.getLogger("tmequant")
 
@@ -117,7 +118,7 @@ def run_detector_chunks(
     margin = int(spec.context_px)
     runner = HeatmapRunner(model, card, dev, amp)
     nb = _Neighbours(st.grid.astype(np.int64))
-    tiles = _TileWindow(st.images)
+    tiles = _TileWindow(open_tiles(st))
     coords = st.coords.astype(np.float64)
     frac = st.tissue_fraction.astype(np.float64)
     area_um2 = frac * st.tile_um ** 2

@@ -38,7 +38,8 @@ from tmequant.models import LoadedModel, ModelCard, TmeNet, load_model
 from tmequant.models.stain import normalize_batch
 from tmequant.progress import ProgressBar
 from tmequant.provenance import package_version, params_hash
-from tmequant.store import IMAGES, SlideStore, StoreArray
+from tmequant.store import IMAGES, SlideStore
+from tmequant.tiling.source import open_tiles
 
 log = logging.getLogger("tmequant")
 
@@ -87,14 +88,14 @@ class TileRanges(Dataset):
                  stain: dict[str, Any] | None = None):
         self.store_path, self.ranges, self.pad_to = store_path, ranges, pad_to
         self.stain = stain  # the card's stain normalisation, applied here in the readers
-        self._images: StoreArray | None = None
+        self._images: Any = None  # StoreArray or SlideTiles (tmequant.tiling.open_tiles)
 
     def __len__(self) -> int:
         return len(self.ranges)
 
     def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor]:
         if self._images is None:
-            self._images = SlideStore(self.store_path).images
+            self._images = open_tiles(self.store_path)
         start, stop = self.ranges[i]
         x = np.ascontiguousarray(self._images[start:stop])
         if self.stain is not None:  # per tile, as in training: same pixels, same numbers
@@ -238,7 +239,7 @@ def predict_store(
     dev = resolve_device(device)
     amp = autocast_dtype(dev)
     n = store.n_tiles
-    images = store.images
+    images = open_tiles(store)
     if tuple(images.shape[:1]) != (n,) or images.ndim != 4 or images.shape[3] != 3:
         raise StoreError(f"{IMAGES} has shape {images.shape}, expected ({n}, H, W, 3)", path)
     if chunk_rows < 1:

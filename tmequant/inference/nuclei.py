@@ -53,6 +53,7 @@ from tmequant.progress import ProgressBar
 from tmequant.provenance import package_version
 from tmequant.provenance import params_hash as _params_hash
 from tmequant.store import SlideStore
+from tmequant.tiling.source import open_tiles
 
 log = logging.getLogger("tmequant")
 
@@ -473,7 +474,7 @@ def _count_locked(st: SlideStore, params: NucleusCounterParams, phash: str, work
     tx, ty = store.tile_level0_xy_px
     scale = (tx / store.tile_px, ty / store.tile_px)
     coords = store.coords
-    images = store.images
+    images = open_tiles(store)
     workers = workers or min(2, os.cpu_count() or 1)
     h_scale = 1.0
     if params.stain_normalize and n:

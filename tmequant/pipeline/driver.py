@@ -36,7 +36,7 @@ from tmequant.progress import BatchProgress
 from tmequant.provenance import package_version, params_hash, to_jsonable
 from tmequant.report import SlideOutcome, write_cohort_report
 from tmequant.tiling.store import SlideStore
-from tmequant.tiling.tile import TilingParams
+from tmequant.tiling.tile import TilingParams, hashed_params
 
 log = logging.getLogger("tmequant")
 
@@ -133,8 +133,8 @@ def _write_run_json(out: Path, cfg: RunConfig, card: Any, specs: Sequence[SlideS
     """``run.json``: the run's settings and provenance (rewritten by every run)."""
     atomic_write_text(out / "run.json", dump_json({
         "package_version": package_version(), "model": cfg.model, "model_name": card.name,
-        "model_version": card.version, "tiling": to_jsonable(cfg.tiling),
-        "tiling_params_hash": params_hash(cfg.tiling), "biomarkers": to_jsonable(cfg.params),
+        "model_version": card.version, "tiling": hashed_params(cfg.tiling),
+        "tiling_params_hash": params_hash(hashed_params(cfg.tiling)), "biomarkers": to_jsonable(cfg.params),
         "biomarker_params_hash": params_hash(cfg.params),
         "nucleus_counter": None if cfg.counter is None else cfg.counter.to_dict(),
         "cells_dir": cfg.cells_dir, "device": cfg.device,

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from tmequant.wsi.jpeg import SCALES
+
 if TYPE_CHECKING:
     from tmequant.wsi.slide import Slide
 
@@ -19,6 +21,8 @@ def read_resampled(
     level: int,
     box_level0: tuple[float, float, float, float],
     out_size: tuple[int, int],
+    *,
+    dct_scaled: bool = False,
 ) -> np.ndarray:
     """Pixels of ``box_level0`` = (x0, y0, x1, y1) in level-0 px, read at ``level`` and
     resampled to ``out_size`` = (w, h): (h, w, 3) uint8.
@@ -30,13 +34,17 @@ def read_resampled(
     the axes scale by different factors (4 and 2), and each axis decides (area filter when
     both shrink, bicubic, antialiased where it shrinks, when one grows). On square pixels
     the x axis decides, as it always has.
+
+    ``dct_scaled``: an exact 2x or 4x reduction from a level of JPEG tiles is decoded at that
+    scale in the DCT domain (:meth:`Slide.read_region_scaled`) instead of decoded in full and
+    box-averaged; the two differ by rounding at 8 x 8 block edges (tests/test_jpeg_scaled.py).
     """
     ow, oh = int(out_size[0]), int(out_size[1])
     lds = slide.info.level_downsamples[level]
     bx0, by0, bx1, by1 = (v / lds for v in box_level0)
     if (abs(bx1 - bx0 - ow) < 1e-6 and abs(by1 - by0 - oh) < 1e-6
             and abs(bx0 - round(bx0)) < 1e-6 and abs(by0 - round(by0)) < 1e-6):
-        return slide.read_region(level, round(round(bx0) * lds), round(round(by0) * lds), ow, oh)
+        return slide.read_region((round(round(bx0) * lds), round(round(by0) * lds)), level, (ow, oh))
     fx, fy = (bx1 - bx0) / ow, (by1 - by0) / oh
     square = _square_pixels(slide)
     # square pixels: exactly the rule (and so the pixels) of before non-square support
@@ -48,13 +56,18 @@ def read_resampled(
         # box mean as resize(BOX) at about 40% of its cost (per axis on non-square pixels)
         f, g = int(round(fx)), int(round(fy))
         ix0, iy0 = int(round(bx0)), int(round(by0))
-        region = slide.read_region(level, round(ix0 * lds), round(iy0 * lds), ow * f, oh * g)
+        if dct_scaled and f == g and f in SCALES:
+            scaled = slide.read_region_scaled((round(ix0 * lds), round(iy0 * lds)), level,
+                                              (ow * f, oh * g), f)
+            if scaled is not None:
+                return scaled
+        region = slide.read_region((round(ix0 * lds), round(iy0 * lds)), level, (ow * f, oh * g))
         return np.asarray(Image.fromarray(region).reduce(f if f == g else (f, g)))
     # the box filter only weighs pixels inside the box; bicubic needs neighbours
     m = 0 if down else _MARGIN_PX
     ix0, iy0 = math.floor(bx0) - m, math.floor(by0) - m
     ix1, iy1 = math.ceil(bx1 - 1e-9) + m, math.ceil(by1 - 1e-9) + m
-    region = slide.read_region(level, round(ix0 * lds), round(iy0 * lds), ix1 - ix0, iy1 - iy0)
+    region = slide.read_region((round(ix0 * lds), round(iy0 * lds)), level, (ix1 - ix0, iy1 - iy0))
     img = Image.fromarray(region)
     out = img.resize(
         (ow, oh),

@@ -29,6 +29,7 @@ import numpy as np
 from tmequant.defaults import MPP_MAX_UM, MPP_MIN_UM, mpp_in_range
 from tmequant.errors import SlideError
 from tmequant.pixelsize import PixelSize
+from tmequant.wsi import jpeg
 
 log = logging.getLogger("tmequant")
 
@@ -216,7 +217,7 @@ class Slide:
     """An open slide. Use as a context manager; reading is thread-safe.
 
     >>> with open_slide("a.svs") as s:                  # doctest: +SKIP
-    ...     rgb = s.read_region(0, 1000, 2000, 512, 512)  # (512, 512, 3) uint8
+    ...     rgb = s.read_region((1000, 2000), 0, (512, 512))  # (512, 512, 3) uint8
     """
 
     def __init__(self, info: SlideInfo, backend: Any):
@@ -235,11 +236,31 @@ class Slide:
         self._b.close()
 
     # -- reading ------------------------------------------------------------------------
-    def read_region(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """(h, w, 3) uint8 RGB at ``level``; ``x0, y0`` in level-0 px, ``w, h`` in level px.
+    # -- geometry, as OpenSlide names it ------------------------------------------------
+    @property
+    def level_count(self) -> int:
+        return self.info.level_count
 
-        Pixels outside the slide (and transparent ones) are white.
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) in pixels per level."""
+        return self.info.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Level-0 pixels per level pixel (the pyramid's integer factors, see SlideInfo)."""
+        return self.info.level_downsamples
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return self.info.properties
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """OpenSlide's arguments: ``location`` (x, y) of the top-left corner in level-0 px,
+        ``level``, ``size`` (w, h) in level px. Unlike OpenSlide it returns an (h, w, 3)
+        uint8 RGB array, with pixels outside the slide (and transparent ones) white.
         """
+        (x0, y0), (w, h) = location, size
         if not 0 <= level < self.info.level_count:
             raise SlideError(f"level {level} does not exist (0-{self.info.level_count - 1})",
                              self.info.path)
@@ -264,6 +285,25 @@ class Slide:
             raise
         except Exception as e:  # a corrupt tile deep inside the file
             raise SlideError(f"cannot read region at level {level} ({x0}, {y0}, {w}x{h}): "
+                             f"{type(e).__name__}: {e}", self.info.path) from None
+
+    def read_region_scaled(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                           factor: int) -> np.ndarray | None:
+        """:meth:`read_region` averaged over ``factor`` x ``factor`` pixels, (h // f, w // f, 3),
+        taken from the level's JPEG tiles decoded at 1/``factor`` (2 or 4) in the DCT domain;
+        None where that is not possible exactly (the region must lie inside the level, on the
+        factor's grid, in JPEG tiles that are multiples of 8 * factor): read in full then."""
+        (x0, y0), (w, h) = location, size
+        k = self.info.level_downsamples[level]
+        lw, lh = self.info.level_dimensions[level]
+        lx, ly = math.floor(x0 / k), math.floor(y0 / k)
+        if not (0 <= level < self.info.level_count and lx >= 0 and ly >= 0
+                and lx + w <= lw and ly + h <= lh and w > 0 and h > 0):
+            return None
+        try:
+            return self._b.read_scaled(level, int(x0), int(y0), int(w), int(h), int(factor))
+        except Exception as e:  # a corrupt tile deep inside the file
+            raise SlideError(f"cannot read region at level {level} ({x0}, {y0}, {w}x{h}) at 1/{factor}: "
                              f"{type(e).__name__}: {e}", self.info.path) from None
 
     def best_level_for_mpp(self, mpp_um: float) -> int:
@@ -385,6 +425,37 @@ class _TiledTiffLevels:
                 out[ys - ly : ye - ly, xs - lx : xe - lx] = tile[ys - y0 : ye - y0, xs - x0 : xe - x0, :3]
         return out
 
+    def read_scaled(self, level: int, lx: int, ly: int, w: int, h: int, f: int) -> np.ndarray | None:
+        """(h // f, w // f, 3) uint8 of level pixels [ly, ly+h) x [lx, lx+w) decoded at 1/``f``
+        in the DCT domain (:mod:`tmequant.wsi.jpeg`), or None where that is not exact: a page
+        that is not JPEG, tiles that are not whole multiples of 8 * f, a region off the f grid."""
+        page = self.pages[level]
+        tw, th = page.tilewidth, page.tilelength
+        if (page.compression != 7 or f not in jpeg.SCALES or tw % (8 * f) or th % (8 * f)
+                or lx % f or ly % f or w % f or h % f or page.samplesperpixel != 3):
+            return None
+        ntx = -(-page.imagewidth // tw)
+        rgb = page.photometric == 2  # Photometric=RGB: stored without colour transform
+        tables = page.jpegtables
+        sw, sh, stw, sth = w // f, h // f, tw // f, th // f
+        out = np.empty((sh, sw, 3), np.uint8)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        for ty in range(ly // th, (ly + h - 1) // th + 1):
+            for tx in range(lx // tw, (lx + w - 1) // tw + 1):
+                idx = ty * ntx + tx
+                # tile and region in scaled pixels
+                y0, x0 = ty * sth, tx * stw
+                ys, ye = max(ly // f, y0), min((ly + h) // f, y0 + sth)
+                xs, xe = max(lx // f, x0), min((lx + w) // f, x0 + stw)
+                dst = out[ys - ly // f : ye - ly // f, xs - lx // f : xe - lx // f]
+                if counts[idx] == 0:  # sparse tile: nothing was scanned there
+                    dst[...] = 255
+                    continue
+                data = os.pread(self._fd, counts[idx], offsets[idx])
+                tile = jpeg.decode_scaled(jpeg.jpeg_stream(data, tables, rgb), f, (tw, th))
+                dst[...] = tile[ys - y0 : ye - y0, xs - x0 : xe - x0, :3]
+        return out
+
     def close(self) -> None:
         os.close(self._fd)
         self._tf.close()
@@ -401,6 +472,15 @@ class _OpenSlideBackend:
         if self.fast is not None and level in self.fast.pages:
             k = self.scales[level]
             return self.fast.read(level, math.floor(x0 / k), math.floor(y0 / k), w, h)
+        return self._read_openslide(level, x0, y0, w, h)
+
+    def read_scaled(self, level: int, x0: int, y0: int, w: int, h: int, f: int) -> np.ndarray | None:
+        if self.fast is None or level not in self.fast.pages:
+            return None
+        k = self.scales[level]
+        return self.fast.read_scaled(level, math.floor(x0 / k), math.floor(y0 / k), w, h, f)
+
+    def _read_openslide(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         if level:
             # level pixel (floor(x0 / k)) -> the level-0 coordinate OpenSlide maps onto it
             # exactly (OpenSlide interpolates fractional level coordinates)
@@ -468,6 +548,17 @@ class _TiffBackend:
         if (self.fast is not None and level in self.fast.pages
                 and lx >= 0 and ly >= 0 and lx + w <= W and ly + h <= H):
             return self.fast.read(level, lx, ly, w, h)
+        return self._read_levels(level, lx, ly, w, h)
+
+    def read_scaled(self, level: int, x0: int, y0: int, w: int, h: int, f: int) -> np.ndarray | None:
+        if self.fast is None or level not in self.fast.pages:
+            return None
+        ds = self.ds[level]
+        return self.fast.read_scaled(level, math.floor(x0 / ds), math.floor(y0 / ds), w, h, f)
+
+    def _read_levels(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        arr = self.levels[level]
+        H, W = arr.shape[0], arr.shape[1]
         out = np.full((h, w, 3), 255, np.uint8)
         sx0, sy0 = max(lx, 0), max(ly, 0)
         sx1, sy1 = min(lx + w, W), min(ly + h, H)
