@@ -173,7 +173,7 @@ def part_infer(a: argparse.Namespace, ctx: dict) -> dict:
                 row["share_of_plain"] = row["store"]["tiles_per_s"] / row["plain"]["tiles_per_s"]
             if name == a.e2e_model:
                 ctx["predict_s"] = wall
-        except Exception as e:  # one model failing must not hide the others
+        except Exception as e:  # noqa: BLE001  # one model failing must not hide the others
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback"] = traceback.format_exc()[-2000:]
         rows[name] = row
@@ -286,7 +286,7 @@ def part_e2e(a: argparse.Namespace, ctx: dict) -> dict:
         res["n_tiles"] = row.get("n_tiles") or row.get("tiles")
     if code != 0:
         raise RuntimeError(f"tmequant run exited {code}: {text[-800:]}")
-    if ctx.get("tile_s") and ctx.get("predict_s"):
+    if ctx.get("tile_s") and ctx.get("predict_s") and not a.quick:  # quick predicts one batch
         res["pipelined_slides_per_hour"] = 3600 / max(ctx["tile_s"], ctx["predict_s"])
     return res
 
@@ -306,8 +306,9 @@ def table(res: dict) -> str:
                      f"({t['tiles_per_s']:.0f} tiles/s, {t['workers']} workers, {t['cpu_s']:.0f} CPU-s)")
     inf = p.get("infer", {})
     if inf.get("models"):
-        lines.append(f"\ninference from the store ({inf['n_tiles']} tiles) as a share of the model on "
-                     "device tensors")
+        n_run = {r["store"]["n_tiles"] for r in inf["models"].values() if "store" in r}
+        lines.append(f"\ninference from the store ({', '.join(map(str, sorted(n_run))) or '?'} of its "
+                     f"{inf['n_tiles']} tiles) as a share of the model on device tensors")
         hdr = f"{'model':<28}{'device t/s':>11}{'plain t/s':>10}{'store t/s':>10}{'share':>7}{'CPU-s':>7}  precision"
         lines += [hdr, "-" * len(hdr)]
         for name, r in inf["models"].items():
@@ -382,7 +383,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             res["parts"][name] = PARTS[name](a, ctx)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  # each part is recorded on its own
             res["parts"][name] = {"error": f"{type(e).__name__}: {e}",
                                   "traceback": traceback.format_exc()[-3000:]}
             print(f"[bench_gpu] {name} failed: {e}", file=sys.stderr)

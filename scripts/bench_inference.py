@@ -66,7 +66,7 @@ class Rate:
     def __init__(self, n: int, dev: torch.device | None = None) -> None:
         self.n, self.dev = n, dev
 
-    def __enter__(self) -> "Rate":
+    def __enter__(self) -> Rate:
         self.t0, self.c0 = time.perf_counter(), _cpu()
         return self
 

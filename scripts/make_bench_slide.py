@@ -10,11 +10,16 @@ coarser levels; ``MPP`` and ``AppMag`` in the ImageDescription; OpenSlide vendor
 Memory does not grow with the slide: every level is generated strip by strip (256 rows)
 straight from the mosaic plan (a block at level L is cut from level L of its source's own
 4x pyramid, so the coarse levels carry a sub-pixel offset against level 0), tifffile's
-tile encoder gets a small buffer, and nothing is memory-mapped. Peak RSS measured with ``/usr/bin/time -v``
-(2-core machine, 2 encoder threads): 0.36 GB for the default 40,960 x 30,720 px slide
-(q90) and 0.48 GB for 100,000 x 100,000 px (q80). Before (through ``write_pyramid_tiff``):
-1.52 GB for the default slide, from tifffile's 512 MB tile buffer and the next level kept
-in a memory-mapped file whose pages count in RSS (1/16 of level 0: 1.9 GB at 100k x 100k).
+tile encoder gets a small buffer, and nothing is memory-mapped. Peak RSS (``/usr/bin/time
+-v``, 2-core machine, 2 encoder threads): 0.22 GB for the default 40,960 x 30,720 px slide (q90,
+280 MB file, 28 CPU-s) and 0.36 GB for 100,000 x 100,000 px (q80, 1.5 GB file, 202 CPU-s).
+Through ``tmequant.wsi.write_pyramid_tiff`` (the previous version of this script) the
+default slide peaked at 0.74 GB: tifffile buffers up to 512 MB of tiles, and the writer
+keeps the next level in a memory-mapped file whose pages count in RSS (1/16 of level 0:
+1.9 GB for 100k x 100k).
+
+Without the shared slides (``--source auto``, e.g. on a GPU machine) the blocks come from
+two rendered phantoms (``tmequant.phantom``): H&E-like, not H&E.
 
     python scripts/make_bench_slide.py --out /work/bench/bench_slide.svs
     python scripts/make_bench_slide.py --out /work/bench/slide_100k.svs \\

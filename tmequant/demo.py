@@ -36,9 +36,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tmequant.atomic import atomic_write_text
+from tmequant.errors import InputError
+from tmequant.provenance import package_version, to_jsonable
+
+if TYPE_CHECKING:
+    from tmequant.phantom import PhantomSpec
 
 log = logging.getLogger("tmequant")
 
@@ -318,13 +323,11 @@ def run_demo(
     """
     import torch
 
-    from tmequant.errors import InputError
     from tmequant.inference.nuclei import NucleusCounterParams
     from tmequant.models import ModelCard, get_card
-    from tmequant.phantom import SCENARIOS, generate_phantom, generator_key, scenario_spec
+    from tmequant.phantom import SCENARIOS, scenario_spec
     from tmequant.phantom import cache as phantom_cache
     from tmequant.pipeline import run_batch
-    from tmequant.provenance import package_version, to_jsonable
 
     presets = [s for s in SCENARIOS if s != "custom"]
     scenarios = list(scenarios)
@@ -347,6 +350,43 @@ def run_demo(
     t0 = time.perf_counter()
     specs = {s: scenario_spec(s, seed=seed, width_px=width_px, height_px=height_px, mpp_um=mpp_um)
              for s in scenarios}
+    slides, truths, sources = _prepare_phantoms(specs, ph_dir, tile_um, cache_dir)
+    t1 = time.perf_counter()
+    params_toml = _write_params(out / "params.toml")
+    counter = NucleusCounterParams.from_dict(DEMO_COUNTER)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_TORCH_THREADS)
+    try:
+        # a phantom that replaced an older one of the same name (an older demo's, say) leaves
+        # stores made from the old file: redo them rather than fail on them
+        stale = any(_stale_store(out, specs[s].name, slide) for s, slide in slides.items())
+        run = run_batch([str(p) for p in slides.values()], out, model, counter=counter, device=device,
+                        progress=progress, title="tmequant demo: phantom slides", overwrite=stale)
+    finally:
+        torch.set_num_threads(threads)
+    t2 = time.perf_counter()
+
+    results, failures = _scenario_results(out, run, slides, specs, truths)
+    t3 = time.perf_counter()
+    res = DemoResult(out_dir=out, model=model, scenarios=results, run=run, failures=failures,
+                     seconds={"phantoms_s": t1 - t0, "pipeline_s": t2 - t1, "compare_s": t3 - t2,
+                              "total_s": t3 - t0})
+    res.checks_csv = _write_checks(out / "demo_checks.csv", results)
+    res.demo_json = _write_demo_json(out / "demo.json", res, card.version, seed, params_toml, specs,
+                                     sources)
+    log.info("demo: %s in %.0f s (phantoms %.0f s, pipeline %.0f s)", "PASS" if res.ok else "FAIL",
+             res.seconds["total_s"], res.seconds["phantoms_s"], res.seconds["pipeline_s"])
+    return res
+
+
+def _prepare_phantoms(
+    specs: dict[str, PhantomSpec], ph_dir: Path, tile_um: float, cache_dir: Path | None
+) -> tuple[dict[str, Path], dict[str, dict[str, Any]], dict[str, str]]:
+    """Each scenario's phantom slide under ``ph_dir``, its truth and where it came from
+    (``out_dir``, ``cache`` or ``written``): reused when intact, else written (and cached)."""
+    from tmequant.phantom import cache as phantom_cache  # numpy, pandas, scipy: on use
+    from tmequant.phantom import generate_phantom, generator_key
+
     slides: dict[str, Path] = {}
     truths: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
@@ -375,21 +415,15 @@ def run_demo(
     # less wall time on a 2-core machine (the JPEG encoder already uses both cores)
     for s in [s for s in specs if s not in truths]:
         truths[s], sources[s] = write(s), "written"
-    t1 = time.perf_counter()
-    params_toml = _write_params(out / "params.toml")
-    counter = NucleusCounterParams.from_dict(DEMO_COUNTER)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(DEMO_TORCH_THREADS)
-    try:
-        # a phantom that replaced an older one of the same name (an older demo's, say) leaves
-        # stores made from the old file: redo them rather than fail on them
-        stale = any(_stale_store(out, specs[s].name, slide) for s, slide in slides.items())
-        run = run_batch([str(p) for p in slides.values()], out, model, counter=counter, device=device,
-                        progress=progress, title="tmequant demo: phantom slides", overwrite=stale)
-    finally:
-        torch.set_num_threads(threads)
-    t2 = time.perf_counter()
+    return slides, truths, sources
 
+
+def _scenario_results(
+    out: Path, run: Any, slides: dict[str, Path], specs: dict[str, PhantomSpec],
+    truths: dict[str, dict[str, Any]],
+) -> tuple[list[ScenarioResult], list[str]]:
+    """Each slide's measured row set against its truth, and the run's failures (a slide
+    without biomarkers is one)."""
     results, failures = [], [f"{f.item_id} [{f.stage}]: {f.reason}" for f in run.failures]
     failed_ids = {str(f.item_id) for f in run.failures}
     for s, slide in slides.items():
@@ -402,13 +436,17 @@ def run_demo(
         expected = truths[s]["expected"]
         results.append(ScenarioResult(s, sid, slide, expected, row,
                                       compare(expected, row, placed=truths[s].get("expected_placed"))))
-    t3 = time.perf_counter()
-    res = DemoResult(out_dir=out, model=model, scenarios=results, run=run, failures=failures,
-                     seconds={"phantoms_s": t1 - t0, "pipeline_s": t2 - t1, "compare_s": t3 - t2,
-                              "total_s": t3 - t0})
-    res.checks_csv = _write_checks(out / "demo_checks.csv", results)
+    return results, failures
+
+
+def _write_demo_json(
+    path: Path, res: DemoResult, model_version: str, seed: int, params_toml: Path,
+    specs: dict[str, PhantomSpec], sources: dict[str, str],
+) -> Path:
+    """``demo.json``: the verdict, every check, tolerances, timings and how the run was set up."""
+    model, results, failures, scenarios = res.model, res.scenarios, res.failures, list(specs)
     summary = {
-        "ok": res.ok, "model": model, "model_version": card.version, "seed": seed,
+        "ok": res.ok, "model": model, "model_version": model_version, "seed": seed,
         "scenarios": [{"scenario": r.scenario, "slide_id": r.slide_id, "slide": str(r.slide_path),
                        "ok": r.ok, "checks": [asdict(c) for c in r.checks]} for r in results],
         "tolerances": {k: asdict(v) for k, v in CHECKS.items()},
@@ -418,11 +456,7 @@ def run_demo(
                          "mpp_um": specs[s].mpp_um, "from": sources[s]} for s in scenarios},
         "torch_threads": DEMO_TORCH_THREADS, "truth_source": "construction",
     }
-    res.demo_json = atomic_write_text(out / "demo.json",
-                                      json.dumps(to_jsonable(summary), indent=1, allow_nan=True))
-    log.info("demo: %s in %.0f s (phantoms %.0f s, pipeline %.0f s)", "PASS" if res.ok else "FAIL",
-             res.seconds["total_s"], res.seconds["phantoms_s"], res.seconds["pipeline_s"])
-    return res
+    return atomic_write_text(path, json.dumps(to_jsonable(summary), indent=1, allow_nan=True))
 
 
 def _write_params(path: Path) -> Path:

@@ -14,7 +14,7 @@ import math
 import os
 import re
 from array import array
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,78 @@ _MAX_HEAD_CHARS = 64 << 20  # where a FeatureCollection's "features" list must b
 _SEPARATORS = re.compile(r"[\s,]*")
 
 
+_END = object()  # what _FeatureStream.next_feature returns after the last feature
+
+
+class _FeatureStream:
+    """The features of a GeoJSON text read chunk by chunk and decoded one at a time;
+    ``buf[pos:]`` is what was read and not decoded yet."""
+
+    def __init__(self, chunks: Iterator[str]) -> None:
+        self.dec = json.JSONDecoder()
+        self.chunks = chunks
+        self.buf = ""
+        self.pos = 0
+
+    def more(self) -> bool:
+        """Append the next chunk to what is left; False at the end of the text."""
+        nxt = next(self.chunks, None)
+        if nxt is None:
+            return False
+        self.buf = self.buf[self.pos:] + nxt
+        self.pos = 0
+        return True
+
+    def find_features(self, p: Path) -> bool:
+        """Move to the first feature: of a FeatureCollection's "features" list, a bare list, or
+        one Feature. False: a small file without a features list (one Feature, or an error)."""
+        while True:
+            self.buf = self.buf.lstrip()  # leading whitespace is dropped as it comes: a file of spaces stays small
+            if self.buf or not self.more():
+                break
+        if not self.buf:
+            raise CellTableError("not valid JSON (only whitespace)", p)
+        if self.buf[0] == "[":
+            self.pos = 1
+        elif self.buf[0] == "{":
+            while (m := _FEATURES_START.search(self.buf)) is None:
+                if len(self.buf) > _MAX_HEAD_CHARS:
+                    raise CellTableError(f"no \"features\" list in the first {_MAX_HEAD_CHARS >> 20} MiB: "
+                                         "not a QuPath cell export", p)
+                if not self.more():  # a small file without a features list (one Feature, or an error)
+                    return False
+            self.pos = m.end()
+        else:
+            raise CellTableError("not valid JSON (line 1: Expecting value)", p)
+        return True
+
+    def next_feature(self, n: int, p: Path) -> Any:
+        """The next feature decoded (``n``: its index, for messages), or :data:`_END` after the
+        list's closing bracket."""
+        # skip whitespace and commas between features
+        while True:
+            self.pos = _SEPARATORS.match(self.buf, self.pos).end()  # type: ignore[union-attr]
+            if self.pos < len(self.buf) or not self.more():
+                break
+        if self.pos >= len(self.buf):
+            raise CellTableError("not valid JSON (the features list is cut short)", p)
+        if self.buf[self.pos] == "]":
+            return _END
+        while True:
+            try:
+                f, end = self.dec.raw_decode(self.buf, self.pos)
+                break
+            except json.JSONDecodeError as e:
+                # a feature cut by the chunk's end reads as an error too: read on, but a
+                # feature over _MAX_FEATURE_CHARS is a broken file, not a cell
+                if len(self.buf) - self.pos > _MAX_FEATURE_CHARS or not self.more():
+                    raise CellTableError(f"not valid JSON (feature {n}: {e.msg})", p) from None
+            except RecursionError:
+                raise CellTableError("GeoJSON geometry is nested too deeply", p) from None
+        self.pos = end
+        return f
+
+
 def _read_geojson(p: Path, max_bytes: int) -> pd.DataFrame:
     """Stream a QuPath GeoJSON cell export: features are decoded one at a time and only each
     one's centroid and class are kept, so memory grows with the number of cells (~40 bytes
@@ -176,26 +248,13 @@ def _read_geojson(p: Path, max_bytes: int) -> pd.DataFrame:
 
     from tmequant.qupath import _classification_name, feature_parts, iter_text
 
-    dec = json.JSONDecoder()
-    chunks = iter_text(p, max_bytes)
-    buf = ""
-    pos = 0
+    text = _FeatureStream(iter_text(p, max_bytes))
     xs, ys = array("d"), array("d")  # 8 bytes per cell
     classes: list[str] = []
     intern: dict[str, str] = {}
     geoms: list[Any] = []  # shapes the fast path leaves to shapely, and their cell index
     geom_idx: list[int] = []
     n = 0
-    done = False
-
-    def more() -> bool:
-        nonlocal buf, pos
-        nxt = next(chunks, None)
-        if nxt is None:
-            return False
-        buf = buf[pos:] + nxt
-        pos = 0
-        return True
 
     def flush() -> None:
         if not geoms:
@@ -211,48 +270,9 @@ def _read_geojson(p: Path, max_bytes: int) -> pd.DataFrame:
         geoms.clear()
         geom_idx.clear()
 
-    # find the features: a FeatureCollection's "features" list, a bare list, or one Feature
-    while True:
-        buf = buf.lstrip()  # leading whitespace is dropped as it comes: a file of spaces stays small
-        if buf or not more():
-            break
-    if not buf:
-        raise CellTableError("not valid JSON (only whitespace)", p)
-    if buf[0] == "[":
-        pos = 1
-    elif buf[0] == "{":
-        while (m := _FEATURES_START.search(buf)) is None:
-            if len(buf) > _MAX_HEAD_CHARS:
-                raise CellTableError(f"no \"features\" list in the first {_MAX_HEAD_CHARS >> 20} MiB: "
-                                     "not a QuPath cell export", p)
-            if not more():  # a small file without a features list (one Feature, or an error)
-                return _read_geojson_whole(p, max_bytes)
-        pos = m.end()
-    else:
-        raise CellTableError("not valid JSON (line 1: Expecting value)", p)
-    while not done:
-        # skip whitespace and commas between features
-        while True:
-            pos = _SEPARATORS.match(buf, pos).end()  # type: ignore[union-attr]
-            if pos < len(buf) or not more():
-                break
-        if pos >= len(buf):
-            raise CellTableError("not valid JSON (the features list is cut short)", p)
-        if buf[pos] == "]":
-            done = True
-            break
-        while True:
-            try:
-                f, end = dec.raw_decode(buf, pos)
-                break
-            except json.JSONDecodeError as e:
-                # a feature cut by the chunk's end reads as an error too: read on, but a
-                # feature over _MAX_FEATURE_CHARS is a broken file, not a cell
-                if len(buf) - pos > _MAX_FEATURE_CHARS or not more():
-                    raise CellTableError(f"not valid JSON (feature {n}: {e.msg})", p) from None
-            except RecursionError:
-                raise CellTableError("GeoJSON geometry is nested too deeply", p) from None
-        pos = end
+    if not text.find_features(p):
+        return _read_geojson_whole(p, max_bytes)
+    while (f := text.next_feature(n, p)) is not _END:
         gj, props = feature_parts(f, n, p)
         xy = _fast_centroid(gj)
         if xy is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -16,53 +17,78 @@ from tmequant.cli._app import (
 )
 from tmequant.domain import DEFAULT_MODEL
 
+# The arguments and options of `tmequant run`, one type each (typer's Annotated style); the
+# defaults stand in the verb's signature.
+_Slides = Annotated[list[str], typer.Argument(
+    help="Slide files, folders, glob patterns or a CSV manifest (slide_id,path[,mpp]).")]
+_Out = Annotated[Path, typer.Option(
+    "--out", "-o", help="Output folder (cohort tables, report, stores, per-slide results).")]
+_Model = Annotated[str, typer.Option(
+    "--model", "-m",
+    help="Model folder, registered name (`tmequant models list`) or "
+    "hf-hub:org/name (default: the bundled real-tissue cell detector, "
+    f"{DEFAULT_MODEL}).", show_default=False)]
+_CellsDir = Annotated[Path | None, typer.Option(
+    "--cells-dir", help="Folder of cell tables <slide_id>.geojson|.geojson.gz|.csv|.parquet "
+    "(x, y in level-0 px, class); they replace model/counter counts for their slide "
+    "(default: none; counts from the model's count head or the nucleus counter).")]
+_Params = Annotated[Path | None, typer.Option(
+    "--params", help="TOML/YAML parameters file with [biomarkers], [nucleus_counter], "
+    "[tiling] and [qc] sections (default: the documented defaults, docs/biomarkers.md).")]
+_Mpp = Annotated[float | None, typer.Option(
+    "--mpp", help="Target pixel size of the tiles, um/px (default: the model card's; 0.5 for the built-ins).")]
+_TilePx = Annotated[int | None, typer.Option(
+    "--tile-px", help="Tile side in pixels at --mpp (default: the model card's; 224 for the built-ins).")]
+_Pixels = Annotated[str | None, typer.Option(
+    "--pixels", help=PIXELS_HELP + " [default: the [tiling] section's compression, else lossless]")]
+_MppOverride = Annotated[float | None, typer.Option("--mpp-override", help=MPP_OVERRIDE_HELP)]
+_MppOverrideAll = Annotated[bool, typer.Option("--mpp-override-all", help=MPP_OVERRIDE_ALL_HELP)]
+_Counter = Annotated[str, typer.Option(
+    "--counter", help="Nucleus counter (lymphocyte counts per tile) when the model has no count "
+    "head and no cell table is given: on or off.", show_default=True)]
+_Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", show_default=True)]
+_BatchSize = Annotated[int | None, typer.Option(
+    "--batch-size", "-b", help="Tiles per inference batch (default: 32 tiles of 224 px on CPU, "
+    "256 on CUDA, fewer for larger tiles; halved on out-of-memory).")]
+_Workers = Annotated[int | None, typer.Option(
+    "--workers", "-j", help="Reader threads per slide for tiling and counting (default: min(4, CPUs)).")]
+_Scheduler = Annotated[str | None, typer.Option(
+    "--scheduler", help="Dask scheduler address (tcp://host:8786): slides run on its workers; "
+    "inference on workers started with --resources GPU=1 when there are any (default: none, "
+    "everything runs in this process).")]
+_LocalWorkers = Annotated[int | None, typer.Option(
+    "--local-workers", help="Start a local Dask cluster of N worker processes for the slides "
+    "(default: none).")]
+_Wait = Annotated[bool, typer.Option(
+    "--wait", help="If another run holds --out, wait for it instead of stopping.")]
+_Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Redo every stage of every slide from scratch (needed when --out holds stores made with other parameters).")]
+_Title = Annotated[str | None, typer.Option(
+    "--title", help="Title of the HTML report "
+    "(default: 'tmequant cohort report (<model name>)').")]
+
 
 @app.command("run")
 def run_cmd(
-    slides: list[str] = typer.Argument(
-        ..., help="Slide files, folders, glob patterns or a CSV manifest (slide_id,path[,mpp])."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (cohort tables, report, stores, per-slide results)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                              help="Model folder, registered name (`tmequant models list`) or "
-                              "hf-hub:org/name (default: the bundled real-tissue cell detector, "
-                              f"{DEFAULT_MODEL}).", show_default=False),
-    cells_dir: Path | None = typer.Option(
-        None, "--cells-dir", help="Folder of cell tables <slide_id>.geojson|.geojson.gz|.csv|.parquet "
-        "(x, y in level-0 px, class); they replace model/counter counts for their slide "
-        "(default: none; counts from the model's count head or the nucleus counter)."),
-    params: Path | None = typer.Option(
-        None, "--params", help="TOML/YAML parameters file with [biomarkers], [nucleus_counter], "
-        "[tiling] and [qc] sections (default: the documented defaults, docs/biomarkers.md)."),
-    mpp: float | None = typer.Option(
-        None, "--mpp", help="Target pixel size of the tiles, um/px (default: the model card's; 0.5 for the built-ins)."),
-    tile_px: int | None = typer.Option(
-        None, "--tile-px", help="Tile side in pixels at --mpp (default: the model card's; 224 for the built-ins)."),
-    pixels: str | None = typer.Option(
-        None, "--pixels", help=PIXELS_HELP + " [default: the [tiling] section's compression, else lossless]"),
-    mpp_override: float | None = typer.Option(None, "--mpp-override", help=MPP_OVERRIDE_HELP),
-    mpp_override_all: bool = typer.Option(False, "--mpp-override-all", help=MPP_OVERRIDE_ALL_HELP),
-    counter: str = typer.Option(
-        "on", "--counter", help="Nucleus counter (lymphocyte counts per tile) when the model has no count "
-        "head and no cell table is given: on or off.", show_default=True),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", show_default=True),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b", help="Tiles per inference batch (default: 32 tiles of 224 px on CPU, "
-        "256 on CUDA, fewer for larger tiles; halved on out-of-memory)."),
-    workers: int | None = typer.Option(
-        None, "--workers", "-j", help="Reader threads per slide for tiling and counting (default: min(4, CPUs))."),
-    scheduler: str | None = typer.Option(
-        None, "--scheduler", help="Dask scheduler address (tcp://host:8786): slides run on its workers; "
-        "inference on workers started with --resources GPU=1 when there are any (default: none, "
-        "everything runs in this process)."),
-    local_workers: int | None = typer.Option(
-        None, "--local-workers", help="Start a local Dask cluster of N worker processes for the slides "
-        "(default: none)."),
-    wait: bool = typer.Option(
-        False, "--wait", help="If another run holds --out, wait for it instead of stopping."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Redo every stage of every slide from scratch (needed when --out holds stores made with other parameters)."),
-    title: str | None = typer.Option(None, "--title", help="Title of the HTML report "
-                                     "(default: 'tmequant cohort report (<model name>)')."),
+    slides: _Slides,
+    out: _Out,
+    model: _Model = DEFAULT_MODEL,
+    cells_dir: _CellsDir = None,
+    params: _Params = None,
+    mpp: _Mpp = None,
+    tile_px: _TilePx = None,
+    pixels: _Pixels = None,
+    mpp_override: _MppOverride = None,
+    mpp_override_all: _MppOverrideAll = False,
+    counter: _Counter = "on",
+    device: _Device = "auto",
+    batch_size: _BatchSize = None,
+    workers: _Workers = None,
+    scheduler: _Scheduler = None,
+    local_workers: _LocalWorkers = None,
+    wait: _Wait = False,
+    overwrite: _Overwrite = False,
+    title: _Title = None,
 ) -> None:
     """Tile, predict, count and compute biomarkers for every slide, then the cohort report.
 

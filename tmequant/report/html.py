@@ -18,10 +18,10 @@ import html
 import io
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tmequant.atomic import atomic_write_text
 from tmequant.provenance import canonical_json, package_version
@@ -34,6 +34,9 @@ from tmequant.report.glossary import (
     term,
 )
 from tmequant.report.tables import cohort_frame, column_kind, flatten_row
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -370,14 +373,39 @@ def render_html_report(
 
     out: list[str] = []
     w = out.append
+    _write_page_head(w, title, len(slides), len(failures) if show_failures else None,
+                     generated_at, back_link, banners)
+    _write_cohort_section(w, df, table_columns, hrefs, density_vmax_per_mm2)
+    if show_failures:
+        w(_failures_html(failures))
+    for s in ordered:
+        if not hrefs[s.slide_id].startswith("#"):
+            continue  # it has its own page
+        _write_slide_section(w, s, hrefs[s.slide_id], banners)
+
+    w(f"<script>{_JS}</script></body></html>\n")
+    return "".join(out)
+
+
+def _write_page_head(
+    w: Callable[[str], None],
+    title: str,
+    n_slides: int,
+    n_failed: int | None,
+    generated_at: str | None,
+    back_link: str | None,
+    banners: Sequence[str],
+) -> None:
+    """The document head, the page header (counts, version, timestamp) and the banners;
+    n_failed None: no failure count (no failures section)."""
     w("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">")
     w(f'<meta http-equiv="Content-Security-Policy" content="{_e(_csp(_JS))}">')
     w('<meta name="viewport" content="width=device-width, initial-scale=1">')
     w(f"<title>{_e(title)}</title><style>{_CSS}</style></head>")
     w('<body data-ready="0">')
-    meta = f"{len(slides)} slide(s) analysed"
-    if show_failures:
-        meta += f", {len(failures)} failed"
+    meta = f"{n_slides} slide(s) analysed"
+    if n_failed is not None:
+        meta += f", {n_failed} failed"
     meta += f" · tmequant {_e(package_version())}"
     if generated_at:
         meta += f" · {_e(generated_at)}"
@@ -386,7 +414,16 @@ def render_html_report(
     for b in banners:
         w(f'<div class="banner" role="alert">WARNING: {_e(b)}</div>')
 
-    # cohort table
+
+def _write_cohort_section(
+    w: Callable[[str], None],
+    df: pd.DataFrame | None,
+    table_columns: Sequence[str],
+    hrefs: Mapping[str, str],
+    density_vmax_per_mm2: float | None,
+) -> None:
+    """The cohort table (sortable, one row per slide, linked to its section or page) and
+    its glossary."""
     w('<section id="cohort"><h2>Cohort</h2>')
     if df is not None and len(df):
         w('<p class="meta">Click a column header to sort; hover a header for its definition '
@@ -421,55 +458,51 @@ def render_html_report(
         w('<p class="meta">No slide finished.</p>')
     w("</section>")
 
-    if show_failures:
-        w(_failures_html(failures))
 
-    # per-slide sections
-    for s in ordered:
-        if not hrefs[s.slide_id].startswith("#"):
-            continue  # it has its own page
-        flat = flatten_row({**s.row, "slide_id": s.slide_id})
-        params = dict(s.params) if s.params is not None else {
-            k[len("param_"):]: _py(v) for k, v in flat.items() if column_kind(k) == "parameter"}
-        prov = dict(s.provenance) if s.provenance is not None else {
-            k: _py(v) for k, v in flat.items() if column_kind(k) == "provenance"}
-        # cell_table_path is where counts came from: shown with the provenance
-        biom = {k: _py(v) for k, v in flat.items()
-                if column_kind(k) == "biomarker" and k not in ("qc_flags", "cell_table_path")}
-        if s.provenance is None and "cell_table_path" in flat:
-            prov["cell_table_path"] = _py(flat["cell_table_path"])
-        w(f'<section class="slide" id="{hrefs[s.slide_id][1:]}"><h2>{_e(s.slide_id)}</h2>')
-        for b in banners:
-            w(f'<div class="banner">WARNING: {_e(b)}</div>')
-        if "immune_phenotype" in flat:
-            why = phenotype_reason({k: _py(v) for k, v in flat.items()})
-            w(f'<p class="phenotype"><b>Immune phenotype: {_e(format_value(_py(flat["immune_phenotype"])))}'
-              f'</b> · {_e(why.split(": ", 1)[-1])}</p>')
-        w(_qc_block(flat.get("qc_flags")))
-        source = " · ".join(
-            f"{label}: {_e(format_value(_py(flat[k])))}" for k, label in (
-                ("model_name", "Model"), ("model_domain", "trained on"),
-                ("count_source", "lymphocyte counts from"), ("slide_mpp_um", "pixel size (µm/px)"),
-                ("mpp_source", "from")) if k in flat)
-        if source:
-            w(f'<p class="meta">{source}</p>')
-        for note in s.notes:
-            w(f'<div class="note">{_e(note)}</div>')
-        if s.figures:
-            w('<div class="figs">')
-            for caption, fig in s.figures.items():
-                w(f"<figure>{_img_tag(fig, f'{caption} of {s.slide_id}')}"
-                  f"<figcaption>{_e(caption)}</figcaption></figure>")
-            w("</div>")
-        w(f"<h3>Measurements</h3>{_measures_table(biom)}")
-        w("<details><summary>Parameters and provenance</summary>")
-        w('<div class="cols">')
-        w(f"<div><h3>Parameters</h3>{_kv_table(params)}</div>")
-        w(f"<div><h3>Provenance</h3>{_kv_table(prov)}</div>")
-        w("</div></details></section>")
-
-    w(f"<script>{_JS}</script></body></html>\n")
-    return "".join(out)
+def _write_slide_section(
+    w: Callable[[str], None], s: SlideSection, href: str, banners: Sequence[str]
+) -> None:
+    """One slide's section: phenotype, QC flags, source, notes, figures, every measure,
+    parameters and provenance."""
+    flat = flatten_row({**s.row, "slide_id": s.slide_id})
+    params = dict(s.params) if s.params is not None else {
+        k[len("param_"):]: _py(v) for k, v in flat.items() if column_kind(k) == "parameter"}
+    prov = dict(s.provenance) if s.provenance is not None else {
+        k: _py(v) for k, v in flat.items() if column_kind(k) == "provenance"}
+    # cell_table_path is where counts came from: shown with the provenance
+    biom = {k: _py(v) for k, v in flat.items()
+            if column_kind(k) == "biomarker" and k not in ("qc_flags", "cell_table_path")}
+    if s.provenance is None and "cell_table_path" in flat:
+        prov["cell_table_path"] = _py(flat["cell_table_path"])
+    w(f'<section class="slide" id="{href[1:]}"><h2>{_e(s.slide_id)}</h2>')
+    for b in banners:
+        w(f'<div class="banner">WARNING: {_e(b)}</div>')
+    if "immune_phenotype" in flat:
+        why = phenotype_reason({k: _py(v) for k, v in flat.items()})
+        w(f'<p class="phenotype"><b>Immune phenotype: {_e(format_value(_py(flat["immune_phenotype"])))}'
+          f'</b> · {_e(why.split(": ", 1)[-1])}</p>')
+    w(_qc_block(flat.get("qc_flags")))
+    source = " · ".join(
+        f"{label}: {_e(format_value(_py(flat[k])))}" for k, label in (
+            ("model_name", "Model"), ("model_domain", "trained on"),
+            ("count_source", "lymphocyte counts from"), ("slide_mpp_um", "pixel size (µm/px)"),
+            ("mpp_source", "from")) if k in flat)
+    if source:
+        w(f'<p class="meta">{source}</p>')
+    for note in s.notes:
+        w(f'<div class="note">{_e(note)}</div>')
+    if s.figures:
+        w('<div class="figs">')
+        for caption, fig in s.figures.items():
+            w(f"<figure>{_img_tag(fig, f'{caption} of {s.slide_id}')}"
+              f"<figcaption>{_e(caption)}</figcaption></figure>")
+        w("</div>")
+    w(f"<h3>Measurements</h3>{_measures_table(biom)}")
+    w("<details><summary>Parameters and provenance</summary>")
+    w('<div class="cols">')
+    w(f"<div><h3>Parameters</h3>{_kv_table(params)}</div>")
+    w(f"<div><h3>Provenance</h3>{_kv_table(prov)}</div>")
+    w("</div></details></section>")
 
 
 def _py(v: Any) -> Any:

@@ -27,13 +27,13 @@ from tmequant.codecs import IMAGE_CODECS, parse_image_codec
 from tmequant.defaults import MPP_MAX_UM, MPP_MIN_UM, MPP_UM, TILE_PX, mpp_in_range
 from tmequant.errors import StoreError
 from tmequant.inputs import SlideSpec, slide_id_from_path, validate_slide_id
-from tmequant.pixelsize import pitch_xy
+from tmequant.pixelsize import PixelSize, pitch_xy
 from tmequant.progress import ProgressBar
 from tmequant.provenance import file_fingerprint, package_version, params_hash, to_jsonable
 from tmequant.store import COMPRESSIONS, NO_PIXELS, SlideStore, store_path, store_state
 from tmequant.tiling.grid import TilePlan, blocks, plan_grid
 from tmequant.wsi.resample import read_resampled
-from tmequant.wsi.slide import Slide, open_slide
+from tmequant.wsi.slide import Slide, SlideInfo, open_slide
 from tmequant.wsi.tissue import TissueParams, detect_tissue, mask_shape
 
 log = logging.getLogger("tmequant")
@@ -162,11 +162,7 @@ def tile_slide(
     another process writing it makes this raise StoreLockedError.
     """
     t_start = time.perf_counter()
-    if isinstance(spec_or_path, SlideSpec):
-        spec = spec_or_path
-    else:
-        p = Path(spec_or_path)
-        spec = SlideSpec(validate_slide_id(slide_id_from_path(p), str(p)), p, None)
+    spec = _slide_spec(spec_or_path)
     override = spec.mpp_override_um if spec.mpp_override_um is not None else mpp_override_um
     out = str(out_dir)
     if "://" not in out:
@@ -195,10 +191,7 @@ def tile_slide(
         # thumbnail and mask have square pixels at mask_mpp_um. For square pixels every
         # number below is what tile_um / mpp and mask_mpp / mpp give.
         px = info.pixel_size
-        if px.coarsest_um > params.target_mpp_um * 1.001:
-            log.warning("%s: slide MPP %s is coarser than the target %.3g um/px; tiles are upsampled",
-                        spec.slide_id, f"{px.x_um:.3g}" if px.is_square else px.describe(),
-                        params.target_mpp_um)
+        _warn_if_upsampled(spec.slide_id, px, params.target_mpp_um)
         # --- tissue ---------------------------------------------------------------
         t0 = time.perf_counter()
         mask_mpp = params.tissue.mask_mpp_um
@@ -217,32 +210,8 @@ def tile_slide(
             log.warning("%s: no tissue found (no tile with tissue fraction >= %g); "
                         "the store is empty", spec.slide_id, params.min_tissue_fraction)
         # --- store ----------------------------------------------------------------
-        header = {
-            "slide_id": spec.slide_id,
-            "source_path": info.path,
-            "source_size_bytes": int(fp["size_bytes"]),
-            "source_fingerprint": str(fp["sha256_head_tail"]),
-            "reader": info.reader,
-            "vendor": info.vendor,
-            "level0_width_px": int(info.dimensions[0]),
-            "level0_height_px": int(info.dimensions[1]),
-            "slide_mpp_um": float(info.mpp_um),
-            "slide_mpp_x_um": float(px.x_um),
-            "slide_mpp_y_um": float(px.y_um),
-            "mpp_source": info.mpp_source,
-            "target_mpp_um": float(params.target_mpp_um),
-            "tile_px": int(params.tile_px),
-            "tile_um": float(params.tile_um),
-            "tile_level0_px": float(tile_level0_px),
-            "tile_level0_x_px": float(tile_xy[0]),
-            "tile_level0_y_px": float(tile_xy[1]),
-            "read_level": int(read_level),
-            "tissue": to_jsonable(params.tissue),
-            "min_tissue_fraction": float(params.min_tissue_fraction),
-            "tiling_params": tparams,
-            "params_hash": phash,
-            "package_version": package_version(),
-        }
+        header = _store_header(spec.slide_id, info, px, fp, params, tparams, phash, tile_level0_px,
+                               tile_xy, read_level)
         # the lock first, then the old store goes: no other writer is inside it
         with SlideStore.open(spath, "w") as st:
             st.write_header(**header)
@@ -263,6 +232,57 @@ def tile_slide(
     log.info("%s: %d tiles at %.3g um/px from level %d in %.1f s (%.1f tiles/s)", spec.slide_id,
              plan.n_tiles, params.target_mpp_um, read_level, seconds["total"], res.tiles_per_s)
     return res
+
+
+def _slide_spec(spec_or_path: SlideSpec | str | os.PathLike[str]) -> SlideSpec:
+    """The spec as given, or one for a slide path (id from its file name, no MPP override)."""
+    if isinstance(spec_or_path, SlideSpec):
+        return spec_or_path
+    p = Path(spec_or_path)
+    return SlideSpec(validate_slide_id(slide_id_from_path(p), str(p)), p, None)
+
+
+def _warn_if_upsampled(slide_id: str, px: PixelSize, target_mpp_um: float) -> None:
+    """Warn when the slide's pixels are coarser than the target (tiles are then upsampled)."""
+    if px.coarsest_um > target_mpp_um * 1.001:
+        log.warning("%s: slide MPP %s is coarser than the target %.3g um/px; tiles are upsampled",
+                    slide_id, f"{px.x_um:.3g}" if px.is_square else px.describe(),
+                    target_mpp_um)
+
+
+def _store_header(
+    slide_id: str, info: SlideInfo, px: PixelSize, fp: dict[str, Any], params: TilingParams,
+    tparams: dict[str, Any], phash: str, tile_level0_px: float, tile_xy: tuple[float, float],
+    read_level: int,
+) -> dict[str, Any]:
+    """The store's header attributes: the slide, its pixel size, the grid and the parameters."""
+    assert info.mpp_um is not None  # resolved: tile_slide checked it
+    return {
+        "slide_id": slide_id,
+        "source_path": info.path,
+        "source_size_bytes": int(fp["size_bytes"]),
+        "source_fingerprint": str(fp["sha256_head_tail"]),
+        "reader": info.reader,
+        "vendor": info.vendor,
+        "level0_width_px": int(info.dimensions[0]),
+        "level0_height_px": int(info.dimensions[1]),
+        "slide_mpp_um": float(info.mpp_um),
+        "slide_mpp_x_um": float(px.x_um),
+        "slide_mpp_y_um": float(px.y_um),
+        "mpp_source": info.mpp_source,
+        "target_mpp_um": float(params.target_mpp_um),
+        "tile_px": int(params.tile_px),
+        "tile_um": float(params.tile_um),
+        "tile_level0_px": float(tile_level0_px),
+        "tile_level0_x_px": float(tile_xy[0]),
+        "tile_level0_y_px": float(tile_xy[1]),
+        "read_level": int(read_level),
+        "tissue": to_jsonable(params.tissue),
+        "min_tissue_fraction": float(params.min_tissue_fraction),
+        "tiling_params": tparams,
+        "params_hash": phash,
+        "package_version": package_version(),
+    }
 
 
 def _check_existing(spath: str, phash: str, fp: dict[str, Any], overwrite: bool) -> int | None:

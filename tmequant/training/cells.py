@@ -312,25 +312,12 @@ def train_cells(cfg: CellTrainConfig) -> CellTrainResult:
     if cfg.crop_px % 32:
         raise InputError(f"crop_px {cfg.crop_px} must be a multiple of 32")
     images = _load_images(ps, classes, cfg.mpp_um, cfg.image_mpp_um)
-    if cfg.val_images is not None:
-        vset = set(cfg.val_images)
-        va = [i for i, im in enumerate(images) if im.name in vset]
-        tr = [i for i, im in enumerate(images) if im.name not in vset]
-    elif any(im.split for im in ps.images):
-        va = [i for i, im in enumerate(ps.images) if im.split == "val"]
-        tr = [i for i, im in enumerate(ps.images) if im.split in (None, "train")]
-    else:
-        tr, va = split_by_patient(images, cfg.val_fraction, cfg.seed)
-    leak = {images[i].patient for i in tr} & {images[i].patient for i in va}
-    if leak:
-        log.warning("patients in both training and validation images: %s", sorted(leak)[:5])
+    tr, va = _split_images(cfg, ps, images)
     if not tr:
         raise InputError("no training images", ps.source or None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "split.csv").write_text("image,patient_id,split\n" + "".join(
-        f"{images[i].name},{images[i].patient},{s}\n" for s, idx in (("train", tr), ("val", va))
-        for i in idx), encoding="utf-8")
+    _write_split_csv(out / "split.csv", images, tr, va)
 
     card = build_detector_card(cfg, classes, roles)
     net = create_model(card, pretrained=cfg.pretrained).to(device)
@@ -356,19 +343,10 @@ def train_cells(cfg: CellTrainConfig) -> CellTrainResult:
                      for i in order[bi:bi + cfg.batch_size]]
             if len(batch) < 2:
                 continue  # BatchNorm needs two samples
-            x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
-            x = ((x - mean) / std).to(device)
-            tgt = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
-            msk = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
-            max_cells = max(max_cells, float((tgt >= 0.999).sum(dim=(1, 2, 3)).max()))
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, total, warm, cfg.min_lr_ratio)
-            loss = focal_loss(net(x)["heatmap_logits"], tgt, msk)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+            lr = cfg.lr * lr_factor(step, total, warm, cfg.min_lr_ratio)
+            loss, cells = _train_step(net, opt, batch, mean, std, device, lr)
+            max_cells = max(max_cells, cells)
+            losses.append(loss)
             step += 1
         rec: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else math.nan,
                                "seconds": round(time.time() - t0, 1)}
@@ -405,6 +383,50 @@ def train_cells(cfg: CellTrainConfig) -> CellTrainResult:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float), encoding="utf-8")
     (out / "history.json").write_text(json.dumps(history, indent=1, default=float), encoding="utf-8")
     return CellTrainResult(out, card, metrics, history, best[1], secs)
+
+
+def _split_images(cfg: CellTrainConfig, ps: PointSet, images: list[_Img]) -> tuple[list[int], list[int]]:
+    """Training and validation image indices: ``cfg.val_images``, else the data's own split,
+    else by patient (seeded); warns when a patient is in both."""
+    if cfg.val_images is not None:
+        vset = set(cfg.val_images)
+        va = [i for i, im in enumerate(images) if im.name in vset]
+        tr = [i for i, im in enumerate(images) if im.name not in vset]
+    elif any(im.split for im in ps.images):
+        va = [i for i, im in enumerate(ps.images) if im.split == "val"]
+        tr = [i for i, im in enumerate(ps.images) if im.split in (None, "train")]
+    else:
+        tr, va = split_by_patient(images, cfg.val_fraction, cfg.seed)
+    leak = {images[i].patient for i in tr} & {images[i].patient for i in va}
+    if leak:
+        log.warning("patients in both training and validation images: %s", sorted(leak)[:5])
+    return tr, va
+
+
+def _write_split_csv(path: Path, images: list[_Img], tr: list[int], va: list[int]) -> None:
+    """``split.csv``: each image's patient and split."""
+    path.write_text("image,patient_id,split\n" + "".join(
+        f"{images[i].name},{images[i].patient},{s}\n" for s, idx in (("train", tr), ("val", va))
+        for i in idx), encoding="utf-8")
+
+
+def _train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, batch: list[Any], mean: torch.Tensor,
+                std: torch.Tensor, device: torch.device, lr: float) -> tuple[float, float]:
+    """One optimiser step on a batch of crops at learning rate ``lr``: the loss, and the most
+    cells in one crop of the batch."""
+    x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
+    x = ((x - mean) / std).to(device)
+    tgt = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+    msk = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
+    cells = float((tgt >= 0.999).sum(dim=(1, 2, 3)).max())
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = focal_loss(net(x)["heatmap_logits"], tgt, msk)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+    opt.step()
+    return float(loss.detach()), cells
 
 
 def _short(m: dict[str, Any], classes: list[str]) -> dict[str, Any]:

@@ -507,36 +507,9 @@ def read_slide_annotations(
     for spec, regions, pts, names in per_slide:
         width, height, slide_mpp = _slide_geometry(spec.slide_path, spec.mpp_override_um)
         side = tile_px * mpp_um / slide_mpp
-        # tissue labels: best-covering classified polygon per tile
-        best: dict[tuple[float, float], tuple[float, str]] = {}
-        for geom, c in regions:
-            if c is None:
-                continue
-            xy, cover = tile_boxes_in_region(geom, side, width, height, min_cover)
-            if len(xy) == 0:
-                log.warning(
-                    "%s: a %r polygon holds no tile of %.0f level-0 px (>= %.0f%% cover)",
-                    spec.annotations_path,
-                    c,
-                    side,
-                    100 * min_cover,
-                )
-            for (x, y), cv in zip(map(tuple, xy), cover):
-                if (x, y) not in best or cv > best[(x, y)][0]:
-                    best[(x, y)] = (float(cv), c)
-        counts: dict[tuple[float, float], np.ndarray] = {}
-        if len(pts):
-            areas = [g for g, _ in regions]
-            area = shapely.union_all(areas) if areas else shapely.MultiPoint(pts).convex_hull
-            xy, _ = tile_boxes_in_region(area, side, width, height, count_min_cover)
-            pc = np.array([cpos[n] for n in names], dtype=np.int64)
-            cnt = count_points_in_boxes(xy, side, pts, pc, len(ccls))
-            counts = {tuple(k): v for k, v in zip(map(tuple, xy), cnt)}
-            if not counts:
-                log.warning(
-                    "%s: no tile lies inside the annotated area; points unused",
-                    spec.annotations_path,
-                )
+        best = _tile_labels(regions, side, width, height, min_cover, spec.annotations_path)
+        counts = _tile_counts(regions, pts, names, cpos, len(ccls), side, width, height,
+                              count_min_cover, spec.annotations_path)
         for x, y in sorted(set(best) | set(counts), key=lambda t: (t[1], t[0])):
             label = best[(x, y)][1] if (x, y) in best else None
             cvec = counts.get((x, y))
@@ -564,6 +537,53 @@ def read_slide_annotations(
         cell_roles=_roles_for(ccls, cell_roles, cell_role, CELL_ROLES, "cell", src),
         source=src,
     )
+
+
+def _tile_labels(
+    regions: list[tuple[Any, str | None]], side: float, width: float, height: float,
+    min_cover: float, source: str,
+) -> dict[tuple[float, float], tuple[float, str]]:
+    """Tissue labels: the best-covering classified polygon per tile, as (cover, class) by
+    tile corner (level-0 px)."""
+    best: dict[tuple[float, float], tuple[float, str]] = {}
+    for geom, c in regions:
+        if c is None:
+            continue
+        xy, cover = tile_boxes_in_region(geom, side, width, height, min_cover)
+        if len(xy) == 0:
+            log.warning(
+                "%s: a %r polygon holds no tile of %.0f level-0 px (>= %.0f%% cover)",
+                source,
+                c,
+                side,
+                100 * min_cover,
+            )
+        for (x, y), cv in zip(map(tuple, xy), cover):
+            if (x, y) not in best or cv > best[(x, y)][0]:
+                best[(x, y)] = (float(cv), c)
+    return best
+
+
+def _tile_counts(
+    regions: list[tuple[Any, str | None]], pts: np.ndarray, names: list[str], cpos: dict[str, int],
+    n_classes: int, side: float, width: float, height: float, count_min_cover: float, source: str,
+) -> dict[tuple[float, float], np.ndarray]:
+    """Per-tile point counts per cell class by tile corner, on the tiles inside the annotated
+    area (every polygon; the points' convex hull when there are none)."""
+    counts: dict[tuple[float, float], np.ndarray] = {}
+    if len(pts):
+        areas = [g for g, _ in regions]
+        area = shapely.union_all(areas) if areas else shapely.MultiPoint(pts).convex_hull
+        xy, _ = tile_boxes_in_region(area, side, width, height, count_min_cover)
+        pc = np.array([cpos[n] for n in names], dtype=np.int64)
+        cnt = count_points_in_boxes(xy, side, pts, pc, n_classes)
+        counts = {tuple(k): v for k, v in zip(map(tuple, xy), cnt)}
+        if not counts:
+            log.warning(
+                "%s: no tile lies inside the annotated area; points unused",
+                source,
+            )
+    return counts
 
 
 def _annotation_for(slide: Path) -> Path | None:

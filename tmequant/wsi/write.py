@@ -127,14 +127,7 @@ def write_pyramid_tiff(
     """
     import tifffile
 
-    if flavor not in FLAVORS:
-        raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
-    if downsample not in (2, 4):
-        raise ValueError("downsample must be 2 or 4")
-    if tile_px % 16 or tile_px < 16:
-        raise ValueError("tile_px must be a positive multiple of 16")
-    if mpp_um is not None and not (mpp_um > 0 and math.isfinite(mpp_um)):
-        raise ValueError(f"mpp_um must be positive, got {mpp_um!r}")
+    _check_pyramid_args(flavor, downsample, tile_px, mpp_um)
     read, h0, w0 = _reader(image, shape)
     shapes = _level_shapes(h0, w0, downsample, tile_px, n_levels)
     if app_mag is None and mpp_um is not None:
@@ -144,12 +137,7 @@ def write_pyramid_tiff(
     if bigtiff is None:
         bigtiff = flavor == "ome" or h0 * w0 * 3 * 1.4 > 2**31
 
-    comp: Any = None if compression in (None, "none") else compression
-    cargs: dict[str, Any] = {}
-    if comp == "jpeg" or comp == "jpeg2000":
-        cargs = {"level": int(quality)}
-    elif comp == "zlib":
-        cargs = {"level": 6}
+    comp, cargs = _compression_args(compression, quality)
 
     tmpdir = tempfile.TemporaryDirectory(prefix=".pyr-", dir=path.parent)
     try:
@@ -157,15 +145,7 @@ def write_pyramid_tiff(
             src_read, src_h, src_w = read, h0, w0
             for level, (lh, lw) in enumerate(shapes):
                 assert (lh, lw) == (src_h, src_w)
-                nxt: np.ndarray | None = None
-                if level + 1 < len(shapes):
-                    nh, nw = shapes[level + 1]
-                    nbytes = nh * nw * 3
-                    if nbytes > _RAM_LEVEL_BYTES:
-                        nxt = np.memmap(Path(tmpdir.name) / f"level{level + 1}.u8", dtype=np.uint8,
-                                        mode="w+", shape=(nh, nw, 3))
-                    else:
-                        nxt = np.empty((nh, nw, 3), np.uint8)
+                nxt = _next_level_buffer(shapes, level, Path(tmpdir.name))
                 tiles = _tiles(src_read, lh, lw, tile_px, downsample, nxt)
                 lmpp = None if mpp_um is None else mpp_um * (downsample**level)
                 kw: dict[str, Any] = dict(
@@ -180,48 +160,109 @@ def write_pyramid_tiff(
                         lw, lh, tile_px, quality, mpp_um, app_mag, compression or "none", level, w0, h0)
                     kw["metadata"] = None
                 elif flavor == "tiff":
-                    kw["metadata"] = None
-                    if lmpp is not None:
-                        kw["resolution"] = (1e4 / lmpp, 1e4 / lmpp)
-                        kw["resolutionunit"] = "CENTIMETER"
-                    if level:
-                        kw["subfiletype"] = 1
+                    kw.update(_generic_tiff_tags(level, lmpp))
                 else:  # ome
-                    if level == 0:
-                        md: dict[str, Any] = {"axes": "YXS", "Name": path.name}
-                        if mpp_um is not None:
-                            md.update(PhysicalSizeX=mpp_um, PhysicalSizeXUnit="µm",
-                                      PhysicalSizeY=mpp_um, PhysicalSizeYUnit="µm")
-                        kw["metadata"] = md
-                        kw["subifds"] = len(shapes) - 1
-                    else:
-                        kw["subfiletype"] = 1
-                        kw["metadata"] = None
+                    kw.update(_ome_tags(level, len(shapes), mpp_um, path.name))
                 tif.write(tiles, **kw)
                 if flavor == "svs" and level == 0:
-                    thumb = _thumbnail(nxt if nxt is not None else read(0, 0, h0, w0))
-                    tif.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
-                              compressionargs={"level": 90},
-                              description=f"Aperio Image Library v12.0.15 \r\n{w0}x{h0} -> "
-                                          f"{thumb.shape[1]}x{thumb.shape[0]} - ")
+                    _write_svs_thumbnail(tif, nxt if nxt is not None else read(0, 0, h0, w0), w0, h0)
                 if nxt is not None:
                     if isinstance(nxt, np.memmap):
                         nxt.flush()
                     src_read = _array_reader(nxt)
                     src_h, src_w = nxt.shape[:2]
             if flavor == "svs":
-                for i, (name, img) in enumerate((associated or {}).items()):
-                    img = np.ascontiguousarray(img, dtype=np.uint8)[..., :3]
-                    tif.write(img, photometric="rgb", compression="lzw" if name == "label" else "jpeg",
-                              metadata=None, subfiletype=1 if name == "label" else 9,
-                              description=f"Aperio Image Library v12.0.15 \r\n{name} "
-                                          f"{img.shape[1]}x{img.shape[0]}")
+                _write_svs_associated(tif, associated or {})
     finally:
         try:
             tmpdir.cleanup()
         except OSError:  # pragma: no cover - a memmap still open on some platforms
             pass
     return path
+
+
+def _check_pyramid_args(flavor: str, downsample: int, tile_px: int, mpp_um: float | None) -> None:
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
+    if downsample not in (2, 4):
+        raise ValueError("downsample must be 2 or 4")
+    if tile_px % 16 or tile_px < 16:
+        raise ValueError("tile_px must be a positive multiple of 16")
+    if mpp_um is not None and not (mpp_um > 0 and math.isfinite(mpp_um)):
+        raise ValueError(f"mpp_um must be positive, got {mpp_um!r}")
+
+
+def _compression_args(compression: str, quality: int) -> tuple[Any, dict[str, Any]]:
+    """tifffile's ``compression`` and ``compressionargs`` for a compression name."""
+    comp: Any = None if compression in (None, "none") else compression
+    cargs: dict[str, Any] = {}
+    if comp == "jpeg" or comp == "jpeg2000":
+        cargs = {"level": int(quality)}
+    elif comp == "zlib":
+        cargs = {"level": 6}
+    return comp, cargs
+
+
+def _next_level_buffer(shapes: list[tuple[int, int]], level: int, tmpdir: Path) -> np.ndarray | None:
+    """The buffer the next coarser level is reduced into (memory-mapped when large), or None
+    after the last level."""
+    nxt: np.ndarray | None = None
+    if level + 1 < len(shapes):
+        nh, nw = shapes[level + 1]
+        nbytes = nh * nw * 3
+        if nbytes > _RAM_LEVEL_BYTES:
+            nxt = np.memmap(tmpdir / f"level{level + 1}.u8", dtype=np.uint8,
+                            mode="w+", shape=(nh, nw, 3))
+        else:
+            nxt = np.empty((nh, nw, 3), np.uint8)
+    return nxt
+
+
+def _generic_tiff_tags(level: int, lmpp: float | None) -> dict[str, Any]:
+    """Generic pyramidal TIFF: resolution in pixels per centimetre, coarser levels reduced."""
+    kw: dict[str, Any] = {}
+    kw["metadata"] = None
+    if lmpp is not None:
+        kw["resolution"] = (1e4 / lmpp, 1e4 / lmpp)
+        kw["resolutionunit"] = "CENTIMETER"
+    if level:
+        kw["subfiletype"] = 1
+    return kw
+
+
+def _ome_tags(level: int, n_levels: int, mpp_um: float | None, name: str) -> dict[str, Any]:
+    """OME-TIFF: the OME metadata on level 0, which holds the coarser levels as SubIFDs."""
+    kw: dict[str, Any] = {}
+    if level == 0:
+        md: dict[str, Any] = {"axes": "YXS", "Name": name}
+        if mpp_um is not None:
+            md.update(PhysicalSizeX=mpp_um, PhysicalSizeXUnit="µm",
+                      PhysicalSizeY=mpp_um, PhysicalSizeYUnit="µm")
+        kw["metadata"] = md
+        kw["subifds"] = n_levels - 1
+    else:
+        kw["subfiletype"] = 1
+        kw["metadata"] = None
+    return kw
+
+
+def _write_svs_thumbnail(tif: Any, level: np.ndarray, w0: int, h0: int) -> None:
+    """The Aperio thumbnail: a stripped IFD right after level 0."""
+    thumb = _thumbnail(level)
+    tif.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
+              compressionargs={"level": 90},
+              description=f"Aperio Image Library v12.0.15 \r\n{w0}x{h0} -> "
+                          f"{thumb.shape[1]}x{thumb.shape[0]} - ")
+
+
+def _write_svs_associated(tif: Any, associated: dict[str, np.ndarray]) -> None:
+    """Aperio associated images (label: LZW, others: JPEG), after the pyramid."""
+    for i, (name, img) in enumerate(associated.items()):
+        img = np.ascontiguousarray(img, dtype=np.uint8)[..., :3]
+        tif.write(img, photometric="rgb", compression="lzw" if name == "label" else "jpeg",
+                  metadata=None, subfiletype=1 if name == "label" else 9,
+                  description=f"Aperio Image Library v12.0.15 \r\n{name} "
+                              f"{img.shape[1]}x{img.shape[0]}")
 
 
 def _array_reader(a: np.ndarray) -> RegionReader:
