@@ -361,9 +361,15 @@ def child(python: str, method: str, a: argparse.Namespace) -> dict:
         return {"error": "no JSON result", "stderr": etext[-3000:], "stdout": text[-1000:]}
     res["process_wall_s"] = wall  # imports and interpreter start-up included
     res["process_cpu_s"] = ru.ru_utime + ru.ru_stime  # the child and its reaped children
-    res["peak_rss_mb"] = ru.ru_maxrss / 1024  # max over the child and its reaped children
-    res["loadavg_1min_before"] = load
+    res["wait4_maxrss_mb"] = ru.ru_maxrss / 1024  # child + reaped children, since the last reset
     stages = res.get("stages", {})
+    # Resetting VmHWM per stage (clear_refs) also resets what wait4 reports for the child, so
+    # the whole-run peak is the largest of every stage's peak, its readers' and wait4's.
+    res["peak_rss_mb"] = max([res["wait4_maxrss_mb"]]
+                             + [v for st in stages.values()
+                                for v in (st.get("peak_rss_mb"), st.get("children_peak_rss_mb"))
+                                if v is not None])
+    res["loadavg_1min_before"] = load
     res["wall_s"] = sum(s.get("wall_s") or 0.0 for s in stages.values())
     res["cpu_s"] = sum(s.get("cpu_s") or 0.0 for s in stages.values())
     return res
@@ -371,6 +377,46 @@ def child(python: str, method: str, a: argparse.Namespace) -> dict:
 
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def print_report(report: dict) -> None:
+    res = report["methods"]
+    print(f"slide {report['slide']}  {report['arch']}, {report['threads']} torch threads, "
+          f"batch {report['batch_size']}, CPU; load {report['loadavg_before'][0]:.1f} -> "
+          f"{report['loadavg_after'][0]:.1f}")
+    hdr = (f"{'method':<12}{'tiles':>7}{'wall s':>8}{'CPU s':>8}{'tiles/s':>9}{'tiles/CPU-s':>12}"
+           f"{'peak RSS MB':>12}{'tmq x wall':>11}{'tmq x CPU':>10}{'start-up s':>11}")
+    print(hdr + "\n" + "-" * len(hdr))
+    for name, r in res.items():
+        if "error" in r:
+            print(f"{name:<12} ERROR {r['error']}")
+            continue
+        label = name + (" *" if name == "plain_timm" else "")
+        print(f"{label:<12}{r['n_tiles']:>7}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['tiles_per_s']:>9.1f}"
+              f"{r['tiles_per_cpu_s']:>12.2f}{r['peak_rss_mb']:>12.0f}{_fmt(r.get('tmequant_x'), '.2f'):>11}"
+              f"{_fmt(r.get('tmequant_x_cpu'), '.2f'):>10}{r['process_wall_s'] - r['wall_s']:>11.1f}")
+    print("wall/CPU s: sum of the four stages (start-up and imports excluded: start-up s is the "
+          "rest of the child's wall time; process totals in the JSON); peak RSS: the child and "
+          "its reader processes; tmq x = tmequant's tiles/s (per CPU-s) / the method's: > 1 means "
+          "tmequant is faster. * plain timm on random tensors in memory: inference only, "
+          "its tmq x compares tmequant's inference stage with it (the share of the ceiling).")
+    print(f"\n{'method':<12}{'stage':<13}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>12}  note")
+    for name, r in res.items():
+        if "error" in r:
+            continue
+        for s in STAGES:
+            row = r["stages"].get(s)
+            if row is None:
+                continue
+            print(f"{name:<12}{s:<13}{row['wall_s']:>8.1f}{row['cpu_s']:>8.1f}"
+                  f"{_fmt(row.get('peak_rss_mb'), '.0f'):>12}  {row.get('note', '')}")
+    if any("inference_tmequant_x" in r for r in res.values()):
+        print(f"\n{'inference stage':<16}{'tiles/s':>9}{'tiles/CPU-s':>12}{'tmq x wall':>11}{'tmq x CPU':>10}")
+        for name, r in res.items():
+            if "inference_tiles_per_s" in r and name != "plain_timm":
+                print(f"{name:<16}{r['inference_tiles_per_s']:>9.1f}{r['inference_tiles_per_cpu_s']:>12.2f}"
+                      f"{_fmt(r.get('inference_tmequant_x'), '.2f'):>11}"
+                      f"{_fmt(r.get('inference_tmequant_x_cpu'), '.2f'):>10}")
 
 
 def main() -> None:
@@ -393,10 +439,14 @@ def main() -> None:
     ap.add_argument("--skip-tmequant", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default="/work/bench/bench_e2e.json")
     ap.add_argument("--keep", action="store_true", help="keep --work (stores) afterwards")
+    ap.add_argument("--from-json", metavar="JSON", help="print the tables of a saved run and exit")
     ap.add_argument("--method", choices=sorted(METHODS), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.method:  # child
         print(json.dumps(METHODS[a.method](a), default=str))
+        return
+    if a.from_json:
+        print_report(json.loads(Path(a.from_json).read_text()))
         return
 
     if not Path(a.slide).exists():
@@ -466,40 +516,7 @@ def main() -> None:
     if not a.keep:
         shutil.rmtree(a.work, ignore_errors=True)
 
-    print(f"slide {a.slide}  {a.arch}, {a.threads} torch threads, batch {a.batch_size}, CPU; "
-          f"load {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    hdr = (f"{'method':<12}{'tiles':>7}{'wall s':>8}{'CPU s':>8}{'tiles/s':>9}{'tiles/CPU-s':>12}"
-           f"{'peak RSS MB':>12}{'tmq x wall':>11}{'tmq x CPU':>10}{'start-up s':>11}")
-    print(hdr + "\n" + "-" * len(hdr))
-    for name, r in res.items():
-        if "error" in r:
-            print(f"{name:<12} ERROR {r['error']}")
-            continue
-        label = name + (" *" if name == "plain_timm" else "")
-        print(f"{label:<12}{r['n_tiles']:>7}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['tiles_per_s']:>9.1f}"
-              f"{r['tiles_per_cpu_s']:>12.2f}{r['peak_rss_mb']:>12.0f}{_fmt(r.get('tmequant_x'), '.2f'):>11}"
-              f"{_fmt(r.get('tmequant_x_cpu'), '.2f'):>10}{r['process_wall_s'] - r['wall_s']:>11.1f}")
-    print("wall/CPU s: sum of the four stages (start-up and imports excluded: start-up s is the "
-          "rest of the child's wall time; process totals in the JSON); tmq x = tmequant's tiles/s (per CPU-s) / the method's: > 1 means "
-          "tmequant is faster. * plain timm on random tensors in memory: inference only, "
-          "its tmq x compares tmequant's inference stage with it (the share of the ceiling).")
-    print(f"\n{'method':<12}{'stage':<13}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>12}  note")
-    for name, r in res.items():
-        if "error" in r:
-            continue
-        for s in STAGES:
-            row = r["stages"].get(s)
-            if row is None:
-                continue
-            print(f"{name:<12}{s:<13}{row['wall_s']:>8.1f}{row['cpu_s']:>8.1f}"
-                  f"{_fmt(row.get('peak_rss_mb'), '.0f'):>12}  {row.get('note', '')}")
-    if any("inference_tmequant_x" in r for r in res.values()):
-        print(f"\n{'inference stage':<16}{'tiles/s':>9}{'tiles/CPU-s':>12}{'tmq x wall':>11}{'tmq x CPU':>10}")
-        for name, r in res.items():
-            if "inference_tiles_per_s" in r and name != "plain_timm":
-                print(f"{name:<16}{r['inference_tiles_per_s']:>9.1f}{r['inference_tiles_per_cpu_s']:>12.2f}"
-                      f"{_fmt(r.get('inference_tmequant_x'), '.2f'):>11}"
-                      f"{_fmt(r.get('inference_tmequant_x_cpu'), '.2f'):>10}")
+    print_report(report)
     print(f"\nJSON: {a.json}")
 
 
