@@ -68,10 +68,11 @@ def _private_cache(tmp_path_factory):
 
 
 # The quick tier (`pytest -m "not slow"`) leaves out every test whose measured time
-# (setup + call + teardown) is over SLOW_S: tests/durations.json, written by
+# (setup + call + teardown) is over SLOW_S, and the tests sharing a module-scoped fixture
+# with one: tests/durations.json, written by
 # `python3 -m pytest --store-durations` (a full run; it merges with what is there).
 DURATIONS = Path(__file__).with_name("durations.json")
-SLOW_S = 0.5
+SLOW_S = 1.0
 
 
 def pytest_addoption(parser):
@@ -96,6 +97,16 @@ def pytest_sessionfinish(session, exitstatus):
     DURATIONS.write_text(json.dumps(dict(sorted(old.items())), indent=0) + "\n")
 
 
+def _shared_fixtures(item) -> set[tuple[str, str]]:
+    """(module, name) of the module- or class-scoped fixtures ``item`` uses."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return set()
+    mod = item.nodeid.split("::")[0]
+    return {(mod, name) for name, defs in info.name2fixturedefs.items()
+            if defs and defs[-1].scope in ("module", "class")}
+
+
 def pytest_collection_modifyitems(config, items):
     """Marks the tests measured slower than SLOW_S ``slow``. ``TMEQUANT_TEST_SHUFFLE=<seed>``
     runs the suite in a seeded random order: the modules shuffled, and the tests inside each
@@ -105,8 +116,13 @@ def pytest_collection_modifyitems(config, items):
         import json
 
         measured = json.loads(DURATIONS.read_text())
+        slow = {it.nodeid for it in items if measured.get(it.nodeid, 0.0) > SLOW_S}
+        # A module-scoped fixture's cost is measured on the first test that uses it; without
+        # that test, the next one pays it. So every test sharing such a fixture with a slow
+        # test is slow too, and the quick tier never builds it.
+        costly = {key for it in items if it.nodeid in slow for key in _shared_fixtures(it)}
         for it in items:
-            if measured.get(it.nodeid, 0.0) > SLOW_S:
+            if it.nodeid in slow or costly & _shared_fixtures(it):
                 it.add_marker(pytest.mark.slow)
     seed = os.environ.get("TMEQUANT_TEST_SHUFFLE")
     if not seed:

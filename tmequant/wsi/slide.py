@@ -300,8 +300,11 @@ class Slide:
         if not (0 <= level < self.info.level_count and lx >= 0 and ly >= 0
                 and lx + w <= lw and ly + h <= lh and w > 0 and h > 0):
             return None
+        fast: _TiledTiffLevels | None = getattr(self._b, "fast", None)  # both backends have one
+        if fast is None or level not in fast.pages:
+            return None
         try:
-            return self._b.read_scaled(level, int(x0), int(y0), int(w), int(h), int(factor))
+            return fast.read_scaled(level, lx, ly, int(w), int(h), int(factor))
         except Exception as e:  # a corrupt tile deep inside the file
             raise SlideError(f"cannot read region at level {level} ({x0}, {y0}, {w}x{h}) at 1/{factor}: "
                              f"{type(e).__name__}: {e}", self.info.path) from None
@@ -474,12 +477,6 @@ class _OpenSlideBackend:
             return self.fast.read(level, math.floor(x0 / k), math.floor(y0 / k), w, h)
         return self._read_openslide(level, x0, y0, w, h)
 
-    def read_scaled(self, level: int, x0: int, y0: int, w: int, h: int, f: int) -> np.ndarray | None:
-        if self.fast is None or level not in self.fast.pages:
-            return None
-        k = self.scales[level]
-        return self.fast.read_scaled(level, math.floor(x0 / k), math.floor(y0 / k), w, h, f)
-
     def _read_openslide(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         if level:
             # level pixel (floor(x0 / k)) -> the level-0 coordinate OpenSlide maps onto it
@@ -549,12 +546,6 @@ class _TiffBackend:
                 and lx >= 0 and ly >= 0 and lx + w <= W and ly + h <= H):
             return self.fast.read(level, lx, ly, w, h)
         return self._read_levels(level, lx, ly, w, h)
-
-    def read_scaled(self, level: int, x0: int, y0: int, w: int, h: int, f: int) -> np.ndarray | None:
-        if self.fast is None or level not in self.fast.pages:
-            return None
-        ds = self.ds[level]
-        return self.fast.read_scaled(level, math.floor(x0 / ds), math.floor(y0 / ds), w, h, f)
 
     def _read_levels(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
         arr = self.levels[level]
