@@ -69,12 +69,12 @@ def slide_rows(codecs: list[str], work: Path, models: dict[str, Any]) -> list[di
                            progress=False)
             st = SlideStore(r.store_path)
             tiles = st.images[:]
-            tissue_mm2 = float(np.sum(st.tissue_fraction)) * (224 * 0.5 / 1000) ** 2
+            tissue_mm2 = _slide_tissue_mm2(st)
             row: dict[str, Any] = {"slide": src.name, "compression": comp, "n_tiles": r.n_tiles,
                                    "bytes_per_tile": stored_bytes(r.store_path) / max(r.n_tiles, 1),
                                    "tissue_mm2": tissue_mm2,
-                                   "source_bytes_per_mm2": src.stat().st_size / _slide_tissue_mm2(st)}
-            row["bytes_per_mm2"] = stored_bytes(r.store_path) / max(tissue_mm2, 1e-9)
+                                   "source_bytes_per_mm2": src.stat().st_size / tissue_mm2}
+            row["bytes_per_mm2"] = stored_bytes(r.store_path) / tissue_mm2
             for name, m in models.items():
                 # allow_mismatch: phantom-demo wants 112 px at 1 um; here only its stability counts
                 predict_store(r.store_path, m, device="cpu", progress=False, overwrite=True,
@@ -106,7 +106,8 @@ def slide_rows(codecs: list[str], work: Path, models: dict[str, Any]) -> list[di
 
 
 def _slide_tissue_mm2(st: SlideStore) -> float:
-    return max(float(np.sum(st.tissue_fraction)) * (224 * 0.5 / 1000) ** 2, 1e-9)
+    """Tissue area of a store's kept tiles, mm^2 (at least 1e-9: no division by zero)."""
+    return max(float(np.sum(st.tissue_fraction)) * (st.tile_um / 1000) ** 2, 1e-9)
 
 
 def speed_rows(codecs: list[str], tiles: np.ndarray) -> dict[str, dict[str, float]]:

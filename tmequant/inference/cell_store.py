@@ -118,7 +118,7 @@ def run_detector_chunks(
     margin = int(spec.context_px)
     runner = HeatmapRunner(model, card, dev, amp)
     nb = _Neighbours(st.grid.astype(np.int64))
-    tiles = _TileWindow(open_tiles(st))
+    tiles = _TileWindow(open_tiles(st, check=False))  # predict_store checked the slide
     coords = st.coords.astype(np.float64)
     frac = st.tissue_fraction.astype(np.float64)
     area_um2 = frac * st.tile_um ** 2

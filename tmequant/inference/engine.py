@@ -95,7 +95,8 @@ class TileRanges(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor]:
         if self._images is None:
-            self._images = open_tiles(self.store_path)
+            # predict_store checked a pixel-less store's slide once already: not per reader
+            self._images = open_tiles(self.store_path, check=False)
         start, stop = self.ranges[i]
         x = np.ascontiguousarray(self._images[start:stop])
         if self.stain is not None:  # per tile, as in training: same pixels, same numbers

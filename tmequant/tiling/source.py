@@ -34,7 +34,7 @@ class SlideTiles:
     Picklable for reader processes: the slide is opened lazily in each process.
     """
 
-    def __init__(self, store: Any):
+    def __init__(self, store: Any, check: bool = True):
         a = store.attrs
         self.store_path = store.path
         self.source_path = str(a.get("source_path") or "")
@@ -51,7 +51,8 @@ class SlideTiles:
         self.ndim = 4
         self._slide: Slide | None = None
         self._lock = threading.Lock()
-        self._check_source()  # here, in the caller's process: a clear error before any worker
+        if check:  # here, in the caller's process: a clear error before any reader starts
+            self._check_source()
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -75,7 +76,6 @@ class SlideTiles:
     def _open(self) -> Slide:
         with self._lock:
             if self._slide is None:
-                self._check_source()  # again: a reader process may start much later
                 self._slide = open_slide(self.source_path, mpp_override_um=self.mpp_override_um)
             return self._slide
 
@@ -115,9 +115,10 @@ class SlideTiles:
             self._slide = None
 
 
-def open_tiles(store: Any) -> Any:
+def open_tiles(store: Any, check: bool = True) -> Any:
     """A store's tiles, ``(N, T, T, 3)`` uint8 and array-like: ``store.images``, or the
     slide's tiles (:class:`SlideTiles`) for a store made with ``--pixels none``. ``store``:
-    a :class:`tmequant.store.SlideStore` or its path."""
+    a :class:`tmequant.store.SlideStore` or its path. ``check``: verify the slide's content
+    fingerprint (False only where the caller's process already did, e.g. reader processes)."""
     st = store if isinstance(store, SlideStore) else SlideStore(str(store))
-    return st.images if st.stores_pixels else SlideTiles(st)
+    return st.images if st.stores_pixels else SlideTiles(st, check=check)
