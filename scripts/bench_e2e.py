@@ -22,7 +22,8 @@ readers) and peak RSS (the process's high-water mark within the stage, reset thr
   per-class tile count from the predictions (argmax), i.e. a trivial read-out: the
   comparison is about tiling + inference throughput and memory.
 
-Models: tmequant ``random-resnet18`` (timm resnet18 backbone + tissue head + count head);
+Models: tmequant ``random-resnet18`` (timm resnet18 backbone + tissue head + count head), run
+by ONNX Runtime (its CPU default; ``--torch-row`` adds the same job on ``--runtime torch``);
 LazySlide and TIAToolbox: ``timm.create_model("resnet18", num_classes=N)``; ``--plain-timm``
 adds a row for that plain model on random float tensors already in memory (the inference
 ceiling: no reading, no normalisation, channels_last off), same threads and batch size.
@@ -34,7 +35,7 @@ TIAToolbox keeps a patch when its share of mask pixels is >= ``min_mask_ratio``
 differ: compare tiles/s and tiles per CPU-second, not seconds.
 
     python scripts/make_bench_slide.py --out /work/bench/bench_slide.svs
-    python scripts/bench_e2e.py --slide /work/bench/bench_slide.svs --plain-timm \\
+    python scripts/bench_e2e.py --slide /work/bench/bench_slide.svs --plain-timm --torch-row \\
         --peer-python lazyslide=/work/peers/lazyslide/bin/python \\
         --peer-python tiatoolbox=/work/peers/tiatoolbox/bin/python \\
         --json /work/bench/bench_e2e.json
@@ -116,7 +117,7 @@ def _argmax_counts(probs) -> dict[str, int]:
 
 
 # --- methods (each runs in its own child process) --------------------------------------
-def run_tmequant(a: argparse.Namespace) -> dict:
+def run_tmequant(a: argparse.Namespace, runtime: str = "auto") -> dict:
     import logging
 
     import torch
@@ -151,8 +152,8 @@ def run_tmequant(a: argparse.Namespace) -> dict:
     st.begin("inference")
     model = tq.load_model(f"random-{a.arch}")
     p = tq.predict_store(r.store_path, model, device="cpu", batch_size=a.batch_size,
-                         overwrite=True, progress=False)
-    st.end("inference", engine_tiles_per_s=p.tiles_per_s)
+                         overwrite=True, progress=False, runtime=runtime)
+    st.end("inference", engine_tiles_per_s=p.tiles_per_s, runtime=p.runtime)
 
     st.begin("biomarkers")
     res = tq.biomarkers_for_store(r.store_path, model.card.name, nucleus_counts=False)
@@ -161,7 +162,8 @@ def run_tmequant(a: argparse.Namespace) -> dict:
     keep = ("til_density_stromal_per_mm2", "til_density_intratumoral_per_mm2", "immune_phenotype")
     return {"n_tiles": n, "stages": st.rows, "store": r.store_path,
             "biomarkers_sample": {k: row.get(k) for k in keep},
-            "model": model.card.name, "reader_workers": "predict_store default (1 on CPU)",
+            "model": model.card.name, "runtime": p.runtime,
+            "reader_workers": "predict_store default (1 on CPU)",
             "tile_workers": a.tile_workers}
 
 
@@ -324,7 +326,8 @@ def run_tiatoolbox(a: argparse.Namespace) -> dict:  # runs inside the TIAToolbox
 
 
 METHODS = {"tmequant": run_tmequant, "plain_timm": run_plain_timm, "lazyslide": run_lazyslide,
-           "tiatoolbox": run_tiatoolbox}
+           "tiatoolbox": run_tiatoolbox,
+           "tmequant_torch": lambda a: run_tmequant(a, runtime="torch")}
 
 
 # --- orchestration ---------------------------------------------------------------------
@@ -384,15 +387,15 @@ def print_report(report: dict) -> None:
     print(f"slide {report['slide']}  {report['arch']}, {report['threads']} torch threads, "
           f"batch {report['batch_size']}, CPU; load {report['loadavg_before'][0]:.1f} -> "
           f"{report['loadavg_after'][0]:.1f}")
-    hdr = (f"{'method':<12}{'tiles':>7}{'wall s':>8}{'CPU s':>8}{'tiles/s':>9}{'tiles/CPU-s':>12}"
+    hdr = (f"{'method':<15}{'tiles':>7}{'wall s':>8}{'CPU s':>8}{'tiles/s':>9}{'tiles/CPU-s':>12}"
            f"{'peak RSS MB':>12}{'tmq x wall':>11}{'tmq x CPU':>10}{'start-up s':>11}")
     print(hdr + "\n" + "-" * len(hdr))
     for name, r in res.items():
         if "error" in r:
-            print(f"{name:<12} ERROR {r['error']}")
+            print(f"{name:<15} ERROR {r['error']}")
             continue
         label = name + (" *" if name == "plain_timm" else "")
-        print(f"{label:<12}{r['n_tiles']:>7}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['tiles_per_s']:>9.1f}"
+        print(f"{label:<15}{r['n_tiles']:>7}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['tiles_per_s']:>9.1f}"
               f"{r['tiles_per_cpu_s']:>12.2f}{r['peak_rss_mb']:>12.0f}{_fmt(r.get('tmequant_x'), '.2f'):>11}"
               f"{_fmt(r.get('tmequant_x_cpu'), '.2f'):>10}{r['process_wall_s'] - r['wall_s']:>11.1f}")
     print("wall/CPU s: sum of the four stages (start-up and imports excluded: start-up s is the "
@@ -400,7 +403,7 @@ def print_report(report: dict) -> None:
           "its reader processes; tmq x = tmequant's tiles/s (per CPU-s) / the method's: > 1 means "
           "tmequant is faster. * plain timm on random tensors in memory: inference only, "
           "its tmq x compares tmequant's inference stage with it (the share of the ceiling).")
-    print(f"\n{'method':<12}{'stage':<13}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>12}  note")
+    print(f"\n{'method':<15}{'stage':<13}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>12}  note")
     for name, r in res.items():
         if "error" in r:
             continue
@@ -408,7 +411,7 @@ def print_report(report: dict) -> None:
             row = r["stages"].get(s)
             if row is None:
                 continue
-            print(f"{name:<12}{s:<13}{row['wall_s']:>8.1f}{row['cpu_s']:>8.1f}"
+            print(f"{name:<15}{s:<13}{row['wall_s']:>8.1f}{row['cpu_s']:>8.1f}"
                   f"{_fmt(row.get('peak_rss_mb'), '.0f'):>12}  {row.get('note', '')}")
     if any("inference_tmequant_x" in r for r in res.values()):
         print(f"\n{'inference stage':<16}{'tiles/s':>9}{'tiles/CPU-s':>12}{'tmq x wall':>11}{'tmq x CPU':>10}")
@@ -435,6 +438,8 @@ def main() -> None:
     ap.add_argument("--peer-python", action="append", default=[], metavar="NAME=PATH",
                     help="a peer (lazyslide, tiatoolbox) and the python of its venv; repeatable")
     ap.add_argument("--plain-timm", action="store_true", help="add the plain-timm ceiling row")
+    ap.add_argument("--torch-row", action="store_true",
+                    help="add tmequant with --runtime torch (the default row runs ONNX Runtime)")
     ap.add_argument("--plain-tiles", type=int, default=640, help="tiles for the plain-timm row")
     ap.add_argument("--skip-tmequant", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default="/work/bench/bench_e2e.json")
@@ -455,12 +460,14 @@ def main() -> None:
     for spec in a.peer_python:
         name, _, py = spec.partition("=")
         if name not in METHODS or not py:
-            sys.exit(f"--peer-python {spec!r}: use NAME=PATH with NAME in {sorted(set(METHODS) - {'tmequant', 'plain_timm'})}")
+            sys.exit(f"--peer-python {spec!r}: use NAME=PATH with NAME in {sorted(set(METHODS) - {'tmequant', 'tmequant_torch', 'plain_timm'})}")
         peers[name] = py
     Path(a.work).mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     res: dict[str, dict] = {}
     order = ([] if a.skip_tmequant else [("tmequant", sys.executable)]) + list(peers.items())
+    if a.torch_row:
+        order.append(("tmequant_torch", sys.executable))
     if a.plain_timm:
         order.append(("plain_timm", sys.executable))
     for name, py in order:

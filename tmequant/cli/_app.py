@@ -98,6 +98,8 @@ PIXELS_HELP = ("How tile pixels are stored: lossless (blosc-lz4, the default), a
 MPP_OVERRIDE_HELP = (f"Level-0 pixel size, um/px ({MPP_MIN_UM}-{MPP_MAX_UM:g}), for slides whose "
                      "file has no usable MPP; slides with one keep theirs (see --mpp-override-all). A manifest "
                      "`mpp` column wins per slide. Default: none (every file's own MPP).")
+RUNTIME_HELP = ("Inference runtime: auto (ONNX Runtime on the CPU, torch on GPUs), torch, or onnx "
+                "(CPU only; the network is exported once per process).")
 MPP_OVERRIDE_ALL_HELP = "Apply --mpp-override to every slide, replacing the MPP their files record."
 
 

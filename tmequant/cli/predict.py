@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tmequant.cli._app import app, fail, finish_batch
+from tmequant.cli._app import RUNTIME_HELP, app, fail, finish_batch
 from tmequant.domain import DEFAULT_MODEL
 from tmequant.inputs import expand_stores, store_id
 
@@ -35,7 +35,8 @@ def predict_cmd(
         "tiles; halved on OOM)."),
     workers: int | None = typer.Option(
         None, "--workers", "-j", help="DataLoader reader processes (default: 1 on CPU, up to 8 on CUDA; 0 reads in this process)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (faster on GPU after warm-up)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (faster on GPU after warm-up; --runtime torch)."),
+    runtime: str = typer.Option("auto", "--runtime", help=RUNTIME_HELP, show_default=True),
     allow_mismatch: bool = typer.Option(
         False, "--allow-mismatch", help="Run even when the store's MPP or tile size differs from the model card."),
     overwrite: bool = typer.Option(
@@ -55,6 +56,7 @@ def predict_cmd(
     """
     from tmequant.batch import run_per_slide
     from tmequant.inference import predict_store, resolve_device
+    from tmequant.inference.runner import resolve_runtime
     from tmequant.models import load_model
 
     if batch_size is not None and batch_size < 1:
@@ -69,6 +71,7 @@ def predict_cmd(
 
         counter_params = nucleus_counter_params_from_file(params_file)
     dev = resolve_device(device)  # InputError (exit 2) before any work
+    resolve_runtime(runtime, dev, compile)
     paths = expand_stores(stores)
     loaded = load_model(model, device="cpu")  # moved to the device once, by the engine
     warning = loaded.card.domain_warning
@@ -77,7 +80,7 @@ def predict_cmd(
     def one(p: str):
         r = predict_store(p, loaded, device=dev, batch_size=batch_size, num_workers=workers,
                           compile=compile, allow_mismatch=allow_mismatch, overwrite=overwrite,
-                          progress=None)  # None: follows --quiet
+                          progress=None, runtime=runtime)  # None: follows --quiet
         if counter_params is not None:
             from tmequant.inference.nuclei import count_store
 
@@ -87,7 +90,7 @@ def predict_cmd(
     batch = run_per_slide(paths, one, item_id=store_id, stage="predict")
     for sid, r in batch.results.items():
         what = "already complete" if r.skipped else (
-            f"{r.tiles_per_s:.1f} tiles/s ({r.device}, {r.precision}, batch {r.batch_size}"
+            f"{r.tiles_per_s:.1f} tiles/s ({r.device}, {r.runtime}, {r.precision}, batch {r.batch_size}"
             f"{', resumed' if r.resumed else ''})")
         typer.echo(f"{sid}\t{r.n_tiles} tiles\t{r.model_name}\t{what}\t{r.store_path}")
     finish_batch(batch, "predict")

@@ -11,10 +11,12 @@ from tmequant.cli._app import (
     MPP_OVERRIDE_ALL_HELP,
     MPP_OVERRIDE_HELP,
     PIXELS_HELP,
+    RUNTIME_HELP,
     app,
     apply_mpp_override,
     fail,
 )
+from tmequant.defaults import check_runtime
 from tmequant.domain import DEFAULT_MODEL
 
 # The arguments and options of `tmequant run`, one type each (typer's Annotated style); the
@@ -50,6 +52,7 @@ _Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:
 _BatchSize = Annotated[int | None, typer.Option(
     "--batch-size", "-b", help="Tiles per inference batch (default: 32 tiles of 224 px on CPU, "
     "256 on CUDA, fewer for larger tiles; halved on out-of-memory).")]
+_Runtime = Annotated[str, typer.Option("--runtime", help=RUNTIME_HELP, show_default=True)]
 _Workers = Annotated[int | None, typer.Option(
     "--workers", "-j", help="Reader threads per slide for tiling and counting (default: min(4, CPUs)).")]
 _Scheduler = Annotated[str | None, typer.Option(
@@ -83,6 +86,7 @@ def run_cmd(
     counter: _Counter = "on",
     device: _Device = "auto",
     batch_size: _BatchSize = None,
+    runtime: _Runtime = "auto",
     workers: _Workers = None,
     scheduler: _Scheduler = None,
     local_workers: _LocalWorkers = None,
@@ -109,6 +113,10 @@ def run_cmd(
 
     if counter not in ("on", "off"):
         fail(f"--counter {counter!r}: use on or off", 2)
+    try:
+        check_runtime(runtime)
+    except ValueError as e:
+        fail(str(e), 2)
     for name, v, lo in (("--batch-size", batch_size, 1), ("--workers", workers, 1),
                         ("--local-workers", local_workers, 1)):
         if v is not None and v < lo:
@@ -133,7 +141,8 @@ def run_cmd(
                                                   "compression": compression})
 
     res = run_batch(specs, out, model, tiling=tiling, params=bp, counter=ncp, cells_dir=cells_dir,
-                    device=device, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                    device=device, batch_size=batch_size, runtime=runtime, workers=workers,
+                    scheduler=scheduler,
                     local_workers=local_workers, overwrite=overwrite, wait=wait, progress=None,
                     title=title, qc=qc)
     n_ok, n_bad = len(res.outcomes), len(res.failures)

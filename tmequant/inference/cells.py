@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from tmequant.errors import InputError
-from tmequant.inference.runner import DeviceNet
+from tmequant.inference.runner import DeviceNet, usable_runtime
 from tmequant.models.card import ModelCard
 from tmequant.models.detector import peaks_table
 
@@ -29,8 +29,8 @@ class HeatmapRunner(DeviceNet):
     """uint8 NHWC on the device -> (B, C, h, w) heatmaps in 0-1 (sigmoid), fp32."""
 
     def __init__(self, net: torch.nn.Module, card: ModelCard, device: torch.device,
-                 amp: torch.dtype | None = None):
-        super().__init__(net, card, device, amp=amp)
+                 amp: torch.dtype | None = None, runtime: str = "torch"):
+        super().__init__(net, card, device, amp=amp, runtime=runtime)
 
     def __call__(self, x_u8: torch.Tensor) -> torch.Tensor:
         logits = self.forward(x_u8)["heatmap_logits"]
@@ -74,19 +74,22 @@ def heatmaps_for_image(runner: HeatmapRunner, rgb: np.ndarray) -> torch.Tensor:
 
 def detect_image(
     model: Any, rgb: np.ndarray, mpp_um: float | None = None, *, device: str | torch.device = "cpu",
-    thresholds: dict[str, float] | None = None,
+    thresholds: dict[str, float] | None = None, runtime: str = "auto",
 ) -> pd.DataFrame:
     """Cells of one image: DataFrame ``x, y`` (px of the image given), ``class``, ``score``.
 
     ``model``: a LoadedModel (or anything with ``.model`` and ``.card``) whose card has a
     ``detector``; ``rgb``: (H, W, 3) uint8; ``mpp_um``: the image's pixel size (None: the
-    model's own); ``thresholds`` override the card's per class.
+    model's own); ``thresholds`` override the card's per class; ``runtime``: as in
+    ``predict_store`` (``auto``: ONNX Runtime on the CPU, exported once per process).
     """
     card: ModelCard = model.card
     if card.detector is None:
         raise InputError(f"model {card.name!r} is not a cell detector (its card has no detector)")
     img, scale = resize_to_mpp(rgb, mpp_um or card.mpp_um, card.mpp_um)
-    runner = HeatmapRunner(model.model, card, torch.device(device))
+    dev = torch.device(device)
+    runner = HeatmapRunner(model.model, card, dev,
+                           runtime=usable_runtime(runtime, model.model, card, dev))
     heat = heatmaps_for_image(runner, img)
     spec = card.detector
     if thresholds:

@@ -17,7 +17,6 @@ written under its lock (another process writing it: StoreLockedError).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -33,7 +32,16 @@ from torch.utils.data import DataLoader, Dataset
 from tmequant._faults import checkpoint
 from tmequant.errors import InputError, StoreError
 from tmequant.inference.cell_store import run_detector_chunks
-from tmequant.inference.runner import DeviceNet, autocast_dtype, precision_name, resolve_device
+from tmequant.inference.runner import (
+    DeviceNet,
+    autocast_dtype,
+    precision_name,
+    resolve_device,
+    runtime_name,
+    usable_runtime,
+    weights_sha256,
+)
+from tmequant.memory import release_memory
 from tmequant.models import LoadedModel, ModelCard, TmeNet, load_model
 from tmequant.models.stain import normalize_batch
 from tmequant.progress import ProgressBar
@@ -47,16 +55,21 @@ CHUNK_ROWS = 1024  # tiles per output chunk (the resume unit)
 MPP_REL_TOL = 0.01  # card and store MPP may differ by 1% (rounding in vendor metadata)
 CPU_BATCH = 32
 CUDA_BATCH = 256
+# ONNX Runtime keeps an arena as large as one batch's activations (1.5 GB for 32 detector
+# canvases, 0.36 GB for 8) and is as fast at 8-16 tiles as at 32: a smaller batch.
+ONNX_CPU_BATCH = 16
 # The default batch is a pixel budget, not a tile count: activations grow with tile area, so
 # 32 tiles of 224 px and 1 tile of 1024 px cost about the same (a 2048 px card at batch 32
 # needed 13 GB on the CPU).
 REF_TILE_PX = 224
 
 
-def default_batch_size(device_type: str, tile_px: int) -> int:
-    """Tiles per batch on ``device_type`` ("cpu" | "cuda") for ``tile_px`` inputs: 32 (CPU) or
-    256 (CUDA) tiles of 224 px, fewer for larger tiles (same pixels per batch), at least 1."""
-    base = CUDA_BATCH if device_type == "cuda" else CPU_BATCH
+def default_batch_size(device_type: str, tile_px: int, runtime: str = "torch") -> int:
+    """Tiles per batch on ``device_type`` ("cpu" | "cuda") for ``tile_px`` inputs: 32 (CPU),
+    16 (CPU, ``runtime`` onnx) or 256 (CUDA) tiles of 224 px, fewer for larger inputs (same
+    pixels per batch), at least 1."""
+    base = CUDA_BATCH if device_type == "cuda" else (
+        ONNX_CPU_BATCH if runtime == "onnx" else CPU_BATCH)
     return max(1, min(base, base * REF_TILE_PX * REF_TILE_PX // (tile_px * tile_px)))
 
 
@@ -74,6 +87,7 @@ class PredictResult:
     n_computed: int = 0  # tiles computed in this call
     precision: str = "fp32"
     batch_size: int = 0
+    runtime: str = "torch"  # torch | onnx (tmequant.inference.runner.RUNTIMES)
 
 
 # --- reading tiles -------------------------------------------------------------------------
@@ -126,11 +140,12 @@ def _batch_ranges(chunks: list[int], n_tiles: int, chunk_rows: int, batch: int) 
 
 class _Runner(DeviceNet):
     """uint8 NHWC -> fp32 tissue probabilities (and counts) on the device; the net runs
-    ``channels_last`` under the device's autocast dtype."""
+    ``channels_last`` under the device's autocast dtype (or as an ONNX Runtime graph)."""
 
-    def __init__(self, net: TmeNet, card: ModelCard, device: torch.device, compile: bool):
+    def __init__(self, net: TmeNet, card: ModelCard, device: torch.device, compile: bool,
+                 runtime: str = "torch"):
         super().__init__(net, card, device, amp=autocast_dtype(device), channels_last=True,
-                         compile=compile)
+                         compile=compile, runtime=runtime)
 
     def __call__(self, x_u8: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.forward(x_u8)
@@ -149,12 +164,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def weights_digest(net: torch.nn.Module) -> str:
     """sha256 (16 hex) over the state dict's names, shapes, dtypes and bytes."""
-    h = hashlib.sha256()
-    for k, v in net.state_dict().items():
-        t = v.detach().to("cpu").contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    return weights_sha256(net)[:16]
 
 
 def check_compatible(card: ModelCard, store: SlideStore, allow_mismatch: bool = False) -> None:
@@ -222,15 +232,19 @@ def predict_store(
     progress: bool | None = True,
     chunk_rows: int = CHUNK_ROWS,
     max_chunks: int | None = None,
+    runtime: str = "auto",
 ) -> PredictResult:
     """Predict every tile of a finished store into ``predictions/<card.name>``.
 
     ``model``: a LoadedModel, a TmeNet, or a name/path for :func:`tmequant.models.load_model`
     (the network is moved to ``device``). ``batch_size`` None: 32 on the CPU, 256 on CUDA for
-    224 px tiles, fewer for larger tiles (:func:`default_batch_size`; halved on out-of-memory). ``num_workers`` None: 1 reader on the CPU, up to 8 on CUDA.
+    224 px tiles (16 with ONNX Runtime), fewer for larger tiles or detector canvases
+    (:func:`default_batch_size`; halved on out-of-memory). ``num_workers`` None: 1 reader on the CPU, up to 8 on CUDA.
     ``progress``: True/False, or None to follow the process-wide switch (the CLI's --quiet).
     ``max_chunks`` stops after that many chunks without marking the group complete (for
-    tests and for spreading work); a later call resumes. Returns a :class:`PredictResult`.
+    tests and for spreading work); a later call resumes. ``runtime``: ``auto`` (ONNX Runtime
+    on the CPU, torch on GPUs), ``torch`` or ``onnx`` (:mod:`tmequant.inference.runner`).
+    Returns a :class:`PredictResult`.
     """
     path = str(store_path)
     store = SlideStore(path)  # refuses missing / unfinished stores
@@ -245,7 +259,10 @@ def predict_store(
         raise StoreError(f"{IMAGES} has shape {images.shape}, expected ({n}, H, W, 3)", path)
     if chunk_rows < 1:
         raise InputError("chunk_rows must be >= 1")
-    bs = batch_size or default_batch_size(dev.type, int(images.shape[1]))
+    rt = usable_runtime(runtime, loaded.model, card, dev, compile)  # exports once for onnx
+    # a detector runs each tile inside its neighbours' context: the budget counts the canvas
+    side = int(images.shape[1]) + (2 * int(card.detector.context_px) if card.detector else 0)
+    bs = batch_size or default_batch_size(dev.type, side, rt)
     if bs < 1:
         raise InputError(f"--batch-size {bs}: must be >= 1")
     bs = min(bs, chunk_rows)
@@ -258,6 +275,8 @@ def predict_store(
         "n_tiles": n,
         "precision": precision_name(amp),  # bf16 and fp32 results differ: never mixed
     }
+    if rt != "torch":  # outputs differ in the last digits: never mixed (torch: as before)
+        provenance["runtime"] = rt
     phash = params_hash(provenance)
     attrs = {
         "card": card.to_dict(),
@@ -266,26 +285,27 @@ def predict_store(
         "model_source": loaded.source,
         "weights_sha256_16": provenance["weights_sha256_16"],
         "precision": provenance["precision"],
+        "runtime": runtime_name(rt),
         "mismatch_allowed": bool(allow_mismatch and (card.tile_px != store.tile_px or abs(
             card.mpp_um - store.target_mpp_um) > MPP_REL_TOL * card.mpp_um)),
         "package_version": package_version(),
     }
     with SlideStore.open(path, "r+") as st:  # the store's lock, held while we write
         return _predict_locked(st, loaded, card, dev, amp, phash, attrs, n, bs, num_workers,
-                               compile, overwrite, progress, chunk_rows, max_chunks)
+                               compile, overwrite, progress, chunk_rows, max_chunks, rt)
 
 
 def _predict_locked(
     st: SlideStore, loaded: LoadedModel, card: ModelCard, dev: torch.device,
     amp: torch.dtype | None, phash: str, attrs: dict[str, Any], n: int, bs: int,
     num_workers: int | None, compile: bool, overwrite: bool, progress: bool | None,
-    chunk_rows: int, max_chunks: int | None,
+    chunk_rows: int, max_chunks: int | None, runtime: str,
 ) -> PredictResult:
     path = st.path
     done_already, resumed = _prepare_group(st, card.name, n, card, phash, attrs, chunk_rows,
                                            overwrite)
     result = PredictResult(path, card.name, n, 0.0, str(dev), resumed=resumed,
-                           precision=precision_name(amp), batch_size=bs)
+                           precision=precision_name(amp), batch_size=bs, runtime=runtime)
     if done_already:
         log.info("%s: predictions of %s already complete (params_hash %s); skipping",
                  path, card.name, phash)
@@ -324,7 +344,7 @@ def _run_chunks(
         return 0
     if card.is_detector:  # heatmaps -> cells, each tile with its neighbours' borders
         return run_detector_chunks(st, loaded.model, card, dev, todo, n, chunk_rows, bs,
-                                   progress, autocast_dtype(dev))
+                                   progress, autocast_dtype(dev), runtime=result.runtime)
     if dev.type != "cuda":
         return _loop(st, loaded, card, dev, todo, n, chunk_rows, bs, num_workers, compile,
                      progress, result)
@@ -344,7 +364,7 @@ def _loop(
     compile: bool, progress: bool | None, result: PredictResult,
 ) -> int:
     path = st.path
-    runner = _Runner(loaded.model, card, dev, compile)
+    runner = _Runner(loaded.model, card, dev, compile, result.runtime)
     if num_workers is None:
         cpus = os.cpu_count() or 1
         num_workers = min(8, max(1, cpus - 2)) if dev.type == "cuda" else (1 if cpus > 1 else 0)
@@ -372,6 +392,7 @@ def _loop(
         st.write_prediction_chunk(card.name, chunk, tissue_probs=probs.astype(np.float16),
                                   cell_counts=counts)
         checkpoint("predict_chunk")  # tests: a kill between chunks
+        release_memory()  # as in the detector's loop: the heap does not grow chunk by chunk
 
     desc = f"predict {Path(path).name} [{card.name}]"
     with ProgressBar(n_todo, desc, unit="tiles", enabled=progress) as bar:

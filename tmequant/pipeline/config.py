@@ -42,6 +42,7 @@ class RunConfig:
     cells_dir: str | None = None
     device: str = "auto"
     batch_size: int | None = None
+    runtime: str = "auto"  # inference runtime: auto | torch | onnx
     workers: int | None = None
     overwrite: bool = False
     geojson_suffix: str = ".geojson.zip"  # ".geojson.zip", ".geojson" or ".geojson.gz"

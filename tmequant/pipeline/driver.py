@@ -18,6 +18,7 @@ from typing import Any
 from tmequant.atomic import atomic_write_text, dump_json
 from tmequant.batch import Failure, one_line_reason, write_failures_csv
 from tmequant.biomarkers import BiomarkerParams
+from tmequant.defaults import check_runtime
 from tmequant.domain import is_phantom_slide
 from tmequant.errors import InputError
 from tmequant.inputs import SlideSpec, expand_slides
@@ -52,6 +53,7 @@ def run_batch(
     cells_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
     batch_size: int | None = None,
+    runtime: str = "auto",
     workers: int | None = None,
     scheduler: Any = None,
     local_workers: int | None = None,
@@ -69,6 +71,7 @@ def run_batch(
     runs only for slides without a cell table whose model has no count head.
     scheduler: a dask.distributed Client or a scheduler address; local_workers: start a
     LocalCluster of that many worker processes. Neither: everything runs in this process.
+    runtime: the inference runtime (``auto``: ONNX Runtime on the CPU, torch on GPUs).
     Holds the output-folder lock for the duration (``wait``: queue behind another run).
     qc: :class:`tmequant.report.qc.QCParams` of the cohort table's ``qc_flags`` (None: defaults).
     Never raises for a slide problem; see ``RunResult.failures``.
@@ -87,10 +90,15 @@ def run_batch(
     check_model_tiling(card, tiling, str(model))
     if cells_dir is not None and not Path(cells_dir).is_dir():
         raise InputError("--cells-dir is not a folder", cells_dir)
+    try:
+        check_runtime(runtime)  # a usage error, not one per slide
+    except ValueError as e:
+        raise InputError(str(e)) from None
     cfg = RunConfig(out_dir=str(out.resolve()), model=str(model), tiling=tiling,
                     params=params or BiomarkerParams(), counter=counter_params(counter),
                     cells_dir=None if cells_dir is None else str(Path(cells_dir).resolve()),
-                    device=device, batch_size=batch_size, workers=workers, overwrite=overwrite)
+                    device=device, batch_size=batch_size, runtime=runtime, workers=workers,
+                    overwrite=overwrite)
 
     with output_lock(out, wait=wait):
         check_output_folder(out, specs, cfg)
@@ -137,7 +145,7 @@ def _write_run_json(out: Path, cfg: RunConfig, card: Any, specs: Sequence[SlideS
         "tiling_params_hash": params_hash(hashed_params(cfg.tiling)), "biomarkers": to_jsonable(cfg.params),
         "biomarker_params_hash": params_hash(cfg.params),
         "nucleus_counter": None if cfg.counter is None else cfg.counter.to_dict(),
-        "cells_dir": cfg.cells_dir, "device": cfg.device,
+        "cells_dir": cfg.cells_dir, "device": cfg.device, "runtime": cfg.runtime,
         "scheduler": None if scheduler is None else str(getattr(scheduler, "scheduler", scheduler)),
         "local_workers": local_workers, "slides": [s.slide_id for s in specs],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))

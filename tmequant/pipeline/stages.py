@@ -20,6 +20,7 @@ from tmequant.biomarkers import biomarkers_for_store
 from tmequant.domain import DEFAULT_MODEL, count_head_trusted, is_phantom_slide
 from tmequant.errors import InputError
 from tmequant.inputs import SlideSpec
+from tmequant.memory import release_memory
 from tmequant.pipeline.config import RunConfig, SlideRun
 from tmequant.pipeline.results import load_slide_result, write_slide_result
 from tmequant.progress import BatchProgress
@@ -90,6 +91,7 @@ def run_stage(run: SlideRun, name: str, fn: Any, progress: BatchProgress | None)
         log.error("%s failed (%s): %s", run.slide_id, name, reason)
         log.debug("traceback for %s", run.slide_id, exc_info=True)
         run.failure = Failure(run.slide_id, name, reason)
+    release_memory()  # one stage's peak is not carried into the next
     run.seconds[name] = run.seconds.get(name, 0.0) + time.perf_counter() - t0
     if progress is not None and run.failure is None:
         progress.stage_done(run, name)
@@ -125,7 +127,8 @@ def _do_predict(run: SlideRun, cfg: RunConfig, model: Any = None) -> None:
     assert run.store_path is not None
     readers = _reader_processes(run.n_tiles or 0)
     res = predict_store(run.store_path, loaded, device=cfg.device, batch_size=cfg.batch_size,
-                        num_workers=readers, overwrite=cfg.overwrite, progress=False)
+                        num_workers=readers, overwrite=cfg.overwrite, progress=False,
+                        runtime=cfg.runtime)
     run.model_name = res.model_name
     run.stages["predict"] = "skipped" if res.skipped else "done"
     run.why["predict"] = f"predictions of {res.model_name} already complete, reused"

@@ -28,6 +28,7 @@ from PIL import Image
 from tmequant.defaults import MPP_UM, TILE_PX
 from tmequant.errors import InputError
 from tmequant.inference.cells import PAD_VALUE, HeatmapRunner, heatmaps_for_image, resize_to_mpp
+from tmequant.inference.runner import usable_runtime
 from tmequant.models import create_model, load_model, save_model
 from tmequant.models.card import DETECTOR_TISSUE_ROLES, DetectorSpec, ModelCard
 from tmequant.models.detector import find_peaks
@@ -231,10 +232,11 @@ def _peaks_low(heat: torch.Tensor, card: ModelCard) -> tuple[np.ndarray, np.ndar
 
 
 def evaluate_images(net: torch.nn.Module, card: ModelCard, images: list[_Img], device: torch.device,
-                    match_um: float, tune: bool) -> tuple[dict[str, Any], dict[str, float]]:
+                    match_um: float, tune: bool, runtime: str = "torch",
+                    ) -> tuple[dict[str, Any], dict[str, float]]:
     """Detect every image whole; (metrics, thresholds). ``tune``: choose each class's
-    threshold on these images (else the card's)."""
-    runner = HeatmapRunner(net, card, device)
+    threshold on these images (else the card's). ``runtime``: as in ``predict_store``."""
+    runner = HeatmapRunner(net, card, device, runtime=runtime)
     raw = []
     for im in images:
         xy, c, sc = _peaks_low(heatmaps_for_image(runner, im.rgb).cpu(), card)
@@ -438,9 +440,11 @@ def _short(m: dict[str, Any], classes: list[str]) -> dict[str, Any]:
 
 def evaluate_points(data: str | Path | PointSet, model: Any, *, split: str | None = None,
                     match_um: float = 6.0, image_mpp_um: float | None = None,
-                    device: str = "cpu") -> dict[str, Any]:
+                    device: str = "cpu", runtime: str = "auto") -> dict[str, Any]:
     """A detector against point labels: per class precision / recall / F1 (one-to-one within
     ``match_um``) and per-image count Pearson / Spearman / MAE (``detection_metrics``).
+    ``runtime``: the one ``predict_store`` would use (``auto``: ONNX Runtime on the CPU), so
+    the figures are those of the predictions.
 
     ``model``: a LoadedModel (or name / folder); ``split``: only images of that split (the
     CSV's ``split`` column, else the model folder's split.csv).
@@ -463,8 +467,11 @@ def evaluate_points(data: str | Path | PointSet, model: Any, *, split: str | Non
             raise InputError(f"no images of split {split!r}", ps.source or None)
         ps = ps.subset(keep)
     images = _load_images(ps, card.cell_classes, card.mpp_um, image_mpp_um)
-    m, _ = evaluate_images(loaded.model, card, images, torch.device(device), match_um, tune=False)
+    dev = torch.device(device)
+    rt = usable_runtime(runtime, loaded.model, card, dev)
+    m, _ = evaluate_images(loaded.model, card, images, dev, match_um, tune=False, runtime=rt)
     m["model"] = card.name
+    m["runtime"] = rt
     return m
 
 
