@@ -142,11 +142,12 @@ def bench_plain_timm(arch: str, dev: torch.device, n: int, bs: int) -> Rate:
     return r
 
 
-def bench_ceiling(loaded, dev: torch.device, n: int, bs: int, compile: bool = False) -> Rate:
+def bench_ceiling(loaded, dev: torch.device, n: int, bs: int, compile: bool = False,
+                  runtime: str = "torch") -> Rate:
     """tmequant's own compute (its runner) on uint8 tensors already on the device."""
     from tmequant.inference.engine import _Runner
 
-    runner = _Runner(loaded.model, loaded.card, dev, compile)
+    runner = _Runner(loaded.model, loaded.card, dev, compile, runtime)
     x = torch.randint(0, 256, (bs, 224, 224, 3), dtype=torch.uint8, device=dev)
     for _ in range(3 if compile else 1):  # warm-up (compilation, cudnn autotune, allocator)
         runner(x)
@@ -183,7 +184,7 @@ def bench_naive(arch: str, store_path: str, dev: torch.device, n: int) -> Rate:
 
 
 def bench_engine(loaded, store_path: str, dev: torch.device, bs: int, workers: int | None,
-                 compile: bool = False) -> tuple[float, Rate]:
+                 compile: bool = False, runtime: str = "torch") -> tuple[float, Rate]:
     """(tiles/s reported by predict_store, the whole call's Rate including its set-up)."""
     from tmequant.inference import predict_store
     from tmequant.tiling.store import SlideStore
@@ -191,7 +192,7 @@ def bench_engine(loaded, store_path: str, dev: torch.device, bs: int, workers: i
     n = SlideStore(store_path).n_tiles
     with Rate(n, dev) as rate:
         r = predict_store(store_path, loaded, device=dev, batch_size=bs, num_workers=workers,
-                          compile=compile, overwrite=True, progress=False)
+                          compile=compile, overwrite=True, progress=False, runtime=runtime)
     return r.tiles_per_s, rate
 
 
@@ -239,6 +240,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's (32 CPU, 256 CUDA)")
     ap.add_argument("--workers", type=int, default=None, help="engine readers (default: the engine's)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (shared machine: 2)")
+    ap.add_argument("--runtime", default="auto",
+                    help="runtime of the runner and engine rows: auto (ONNX Runtime on the CPU), torch, onnx")
     ap.add_argument("--out", default="bench_inference.json")
     args = ap.parse_args()
 
@@ -252,6 +255,9 @@ def main() -> None:
     from tmequant.models.registry import build_random
 
     dev = resolve_device(args.device)
+    from tmequant.inference.runner import resolve_runtime
+
+    runtime = resolve_runtime(args.runtime, dev)
     bs = args.batch_size or (CUDA_BATCH if dev.type == "cuda" else CPU_BATCH)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -263,15 +269,16 @@ def main() -> None:
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "torch": torch.__version__, "batch_size": bs, "precision": precision_name(autocast_dtype(dev)),
+            "torch": torch.__version__, "batch_size": bs, "runtime": runtime, "precision": precision_name(autocast_dtype(dev)),
             "store": store_info, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
             "rows": [],
         }
         for arch in args.archs:
             naive = bench_naive(arch, store_path, dev, n)
             ceiling = bench_plain_timm(arch, dev, n, bs)
-            runner = bench_ceiling(build_random(arch), dev, n, bs)
-            engine, eng = bench_engine(build_random(arch), store_path, dev, bs, args.workers)
+            runner = bench_ceiling(build_random(arch), dev, n, bs, runtime=runtime)
+            engine, eng = bench_engine(build_random(arch), store_path, dev, bs, args.workers,
+                                       runtime=runtime)
             result["rows"].append({
                 "arch": arch,
                 "naive_tiles_per_s": naive.per_s, "naive_tiles_per_cpu_s": naive.per_cpu_s,
@@ -292,7 +299,7 @@ def main() -> None:
         result["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
     print(f"\ninference on {result['device']} ({result['device_name']}), {n} real tiles 224 px, "
-          f"batch {bs}, {result['precision']}, torch threads {result['torch_threads']}, "
+          f"batch {bs}, {result['precision']}, runtime {runtime}, torch threads {result['torch_threads']}, "
           f"load avg {result['load_average_at_start']}")
     hdr = (f"{'arch':<20}{'':<9}{'naive':>8}{'ceiling':>9}{'runner':>8}{'engine':>8}"
            f"{'eng/ceil':>9}{'eng/naive':>10}")

@@ -6,7 +6,7 @@ travel than with float input). The tissue engine (:mod:`tmequant.inference.engin
 detector (:mod:`tmequant.inference.cells`) and training all use it.
 
 Runtimes: ``torch`` runs the module; ``onnx`` exports it once per process (uint8 NHWC in,
-normalisation inside the graph) and runs it with ONNX Runtime, which is 1.5-7x faster than
+normalisation inside the graph) and runs it with ONNX Runtime, which is 1.2-4x faster than
 eager PyTorch on the CPU at outputs equal within 1e-5 (``scripts/bench_cpu_runtimes.py``).
 ``auto`` is ``onnx`` on the CPU and ``torch`` on GPUs.
 """
