@@ -109,6 +109,15 @@ def runtime_name(runtime: str) -> str:
     return f"torch-{torch.__version__}"
 
 
+def normalisation(card: ModelCard, device: torch.device | str = "cpu",
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, 3, 1, 1) fp32: ``(x / 255 - mean) / std == x * scale + shift``,
+    the card's normalisation of 0-255 pixels folded into one multiply-add."""
+    std = torch.tensor(card.std, dtype=torch.float32, device=device)
+    mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
+    return (1.0 / (255.0 * std)).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
+
+
 class ExportError(RuntimeError):
     """The network could not be exported to ONNX (an op the exporter lacks)."""
 
@@ -123,10 +132,9 @@ class _Normalised(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, card: ModelCard, keys: list[str]):
         super().__init__()
         self.net, self.keys = net, keys
-        std = torch.tensor(card.std, dtype=torch.float32)
-        mean = torch.tensor(card.mean, dtype=torch.float32)
-        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
-        self.register_buffer("shift", (-mean / std).view(1, 3, 1, 1))
+        scale, shift = normalisation(card)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
 
     def forward(self, x_u8: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = x_u8.permute(0, 3, 1, 2).float() * self.scale + self.shift
@@ -253,11 +261,7 @@ class DeviceNet:
         if channels_last and device.type != "mps":
             net = net.to(memory_format=torch.channels_last)
         self.net: Any = torch.compile(net) if compile else net
-        # (x / 255 - mean) / std == x * scale + shift, folded into one fused op.
-        std = torch.tensor(card.std, dtype=torch.float32, device=device)
-        mean = torch.tensor(card.mean, dtype=torch.float32, device=device)
-        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
-        self.shift = (-mean / std).view(1, 3, 1, 1)
+        self.scale, self.shift = normalisation(card, device)
 
     @torch.inference_mode()
     def forward(self, x_u8: torch.Tensor) -> dict[str, torch.Tensor]:
