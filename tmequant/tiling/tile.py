@@ -316,8 +316,9 @@ def _check_existing(spath: str, phash: str, fp: dict[str, Any], overwrite: bool)
 
 
 def _read_block(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_px: int,
-                dct_scaled: bool = False) -> np.ndarray:
-    """Tiles ``idx`` of the plan read as one region: (len(idx), tile_px, tile_px, 3) uint8.
+                dct_scaled: bool = False) -> list[np.ndarray]:
+    """Tiles ``idx`` of the plan read as one region: len(idx) (tile_px, tile_px, 3) uint8
+    arrays, the whole tiles views into that region (whoever stacks them copies them once).
 
     Partial edge tiles (``TilingParams.edge_tiles``) are read one by one, the part on the
     slide resampled at the grid's scale and glass (255) beyond it; the whole tiles of the
@@ -327,26 +328,32 @@ def _read_block(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_
     w0, h0 = slide.info.dimensions
     g = plan.grid[idx]
     whole = ((g[:, 1] + 1) * tx <= w0 + 1e-6) & ((g[:, 0] + 1) * ty <= h0 + 1e-6)
-    out = np.empty((len(idx), tile_px, tile_px, 3), np.uint8)
+    out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(idx)
     if whole.any():
         gw = g[whole]
         r0, c0 = int(gw[:, 0].min()), int(gw[:, 1].min())
         r1, c1 = int(gw[:, 0].max()) + 1, int(gw[:, 1].max()) + 1
+        # the kept tiles in the region's output px: the reader skips JPEG tiles under none
+        x = (gw[:, 1] - c0) * tile_px
+        y = (gw[:, 0] - r0) * tile_px
+        only = np.stack([x, y, x + tile_px, y + tile_px], axis=1)
         region = read_resampled(slide, level, (c0 * tx, r0 * ty, c1 * tx, r1 * ty),
-                                ((c1 - c0) * tile_px, (r1 - r0) * tile_px), dct_scaled=dct_scaled)
+                                ((c1 - c0) * tile_px, (r1 - r0) * tile_px), dct_scaled=dct_scaled,
+                                only=only)
         for k in np.flatnonzero(whole):
             r, c = g[k]
-            y, x = (int(r) - r0) * tile_px, (int(c) - c0) * tile_px
-            out[k] = region[y : y + tile_px, x : x + tile_px]
+            ty0, tx0 = (int(r) - r0) * tile_px, (int(c) - c0) * tile_px
+            out[k] = region[ty0 : ty0 + tile_px, tx0 : tx0 + tile_px]
     for k in np.flatnonzero(~whole):
         r, c = (int(v) for v in g[k])
         x0, y0 = c * tx, r * ty
         x1, y1 = min(x0 + tx, float(w0)), min(y0 + ty, float(h0))
-        out[k] = 255
+        t = np.full((tile_px, tile_px, 3), 255, np.uint8)
         ow, oh = round((x1 - x0) / tx * tile_px), round((y1 - y0) / ty * tile_px)
         if ow > 0 and oh > 0:
-            out[k, :oh, :ow] = read_resampled(slide, level, (x0, y0, x1, y1), (ow, oh),
-                                              dct_scaled=dct_scaled)
+            t[:oh, :ow] = read_resampled(slide, level, (x0, y0, x1, y1), (ow, oh),
+                                         dct_scaled=dct_scaled)
+        out[k] = t
     return out
 
 
@@ -364,7 +371,8 @@ def read_tiles(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_p
     # a new run where the row changes or the column does not follow the previous one
     brk = np.flatnonzero((np.diff(g[:, 0]) != 0) | (np.diff(g[:, 1]) != 1)) + 1
     for run in np.split(np.arange(len(idx)), brk):
-        out[order[run]] = _read_block(slide, level, plan, idx[order[run]], tile_px, dct_scaled)
+        for k, t in zip(order[run], _read_block(slide, level, plan, idx[order[run]], tile_px, dct_scaled)):
+            out[k] = t
     return out
 
 
@@ -385,7 +393,7 @@ def _write_tiles(slide: Slide, level: int, plan: TilePlan, params: TilingParams,
     window = max(2, 2 * workers)
     with ProgressBar(n, desc, unit="tiles", enabled=progress) as bar, \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tmequant-tile") as pool:
-        pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
+        pending: deque[tuple[np.ndarray, Future[list[np.ndarray]]]] = deque()
         it = iter(todo)
         exhausted = False
         while pending or not exhausted:
@@ -442,7 +450,8 @@ def write_qc_png(path: str, thumb: np.ndarray, mask: np.ndarray, plan: TilePlan,
         img[y0, x0 : x1 + 1] = img[y1, x0 : x1 + 1] = (0, 200, 0)
         img[y0 : y1 + 1, x0] = img[y0 : y1 + 1, x1] = (0, 200, 0)
     with fsspec.open(path, "wb") as fh:
-        Image.fromarray(img).save(fh, format="PNG")
+        # zlib level 1: a third of the default's CPU for a QC picture a few % larger
+        Image.fromarray(img).save(fh, format="PNG", compress_level=1)
 
 
 __all__ = ["COMPRESSIONS", "NO_PIXELS", "TileResult", "TilingParams", "pixels_compression", "read_tiles",

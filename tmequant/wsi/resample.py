@@ -23,6 +23,7 @@ def read_resampled(
     out_size: tuple[int, int],
     *,
     dct_scaled: bool = False,
+    only: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pixels of ``box_level0`` = (x0, y0, x1, y1) in level-0 px, read at ``level`` and
     resampled to ``out_size`` = (w, h): (h, w, 3) uint8.
@@ -38,6 +39,11 @@ def read_resampled(
     ``dct_scaled``: an exact 2x or 4x reduction from a level of JPEG tiles is decoded at that
     scale in the DCT domain (:meth:`Slide.read_region_scaled`) instead of decoded in full and
     box-averaged; the two differ by rounding at 8 x 8 block edges (tests/test_jpeg_scaled.py).
+    Without it such a reduction still goes one JPEG tile at a time where it can (decoded in
+    full, then box-averaged: the same pixels as reading the region and reducing it).
+
+    ``only``: (k, 4) boxes (x0, y0, x1, y1) in output px the caller will use; where the read
+    goes one JPEG tile at a time, tiles under none of them are skipped (their pixels white).
     """
     ow, oh = int(out_size[0]), int(out_size[1])
     lds = slide.info.level_downsamples[level]
@@ -56,9 +62,10 @@ def read_resampled(
         # box mean as resize(BOX) at about 40% of its cost (per axis on non-square pixels)
         f, g = int(round(fx)), int(round(fy))
         ix0, iy0 = int(round(bx0)), int(round(by0))
-        if dct_scaled and f == g and f in SCALES:
+        if f == g:  # one JPEG tile at a time: exact, or in the DCT domain when asked
             scaled = slide.read_region_scaled((round(ix0 * lds), round(iy0 * lds)), level,
-                                              (ow * f, oh * g), f)
+                                              (ow * f, oh * g), f, dct=dct_scaled and f in SCALES,
+                                              only=only)
             if scaled is not None:
                 return scaled
         region = slide.read_region((round(ix0 * lds), round(iy0 * lds)), level, (ow * f, oh * g))

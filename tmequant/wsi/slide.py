@@ -288,23 +288,28 @@ class Slide:
                              f"{type(e).__name__}: {e}", self.info.path) from None
 
     def read_region_scaled(self, location: tuple[int, int], level: int, size: tuple[int, int],
-                           factor: int) -> np.ndarray | None:
+                           factor: int, dct: bool = False,
+                           only: np.ndarray | None = None) -> np.ndarray | None:
         """:meth:`read_region` averaged over ``factor`` x ``factor`` pixels, (h // f, w // f, 3),
-        taken from the level's JPEG tiles decoded at 1/``factor`` (2 or 4) in the DCT domain;
-        None where that is not possible exactly (the region must lie inside the level, on the
-        factor's grid, in JPEG tiles that are multiples of 8 * factor): read in full then."""
+        from the level's JPEG tiles one at a time: decoded in full and box-averaged, exactly
+        what reading the region and Pillow's ``reduce(factor)`` give (``dct=False``), or
+        decoded at 1/``factor`` (2 or 4) in the DCT domain (``dct=True``: faster, within about
+        one grey level). None where that is not possible exactly (the region must lie inside
+        the level, on the factor's grid, in 3-sample JPEG tiles; multiples of 8 * factor for
+        ``dct``): read in full then. ``only``: (k, 4) boxes (x0, y0, x1, y1, output px) the
+        caller will use; JPEG tiles under none of them are skipped and left white."""
         (x0, y0), (w, h) = location, size
         k = self.info.level_downsamples[level]
         lw, lh = self.info.level_dimensions[level]
         lx, ly = math.floor(x0 / k), math.floor(y0 / k)
         if not (0 <= level < self.info.level_count and lx >= 0 and ly >= 0
-                and lx + w <= lw and ly + h <= lh and w > 0 and h > 0):
+                and lx + w <= lw and ly + h <= lh and w > 0 and h > 0 and factor >= 1):
             return None
         fast: _TiledTiffLevels | None = getattr(self._b, "fast", None)  # both backends have one
         if fast is None or level not in fast.pages:
             return None
         try:
-            return fast.read_scaled(level, lx, ly, int(w), int(h), int(factor))
+            return fast.read_scaled(level, lx, ly, int(w), int(h), int(factor), dct, only)
         except Exception as e:  # a corrupt tile deep inside the file
             raise SlideError(f"cannot read region at level {level} ({x0}, {y0}, {w}x{h}) at 1/{factor}: "
                              f"{type(e).__name__}: {e}", self.info.path) from None
@@ -428,40 +433,86 @@ class _TiledTiffLevels:
                 out[ys - ly : ye - ly, xs - lx : xe - lx] = tile[ys - y0 : ye - y0, xs - x0 : xe - x0, :3]
         return out
 
-    def read_scaled(self, level: int, lx: int, ly: int, w: int, h: int, f: int) -> np.ndarray | None:
-        """(h // f, w // f, 3) uint8 of level pixels [ly, ly+h) x [lx, lx+w) decoded at 1/``f``
-        in the DCT domain (:mod:`tmequant.wsi.jpeg`), or None where that is not exact: a page
-        that is not JPEG, tiles that are not whole multiples of 8 * f, a region off the f grid."""
+    def read_scaled(self, level: int, lx: int, ly: int, w: int, h: int, f: int,
+                    dct: bool = False, only: np.ndarray | None = None) -> np.ndarray | None:
+        """(h // f, w // f, 3) uint8: level pixels [ly, ly+h) x [lx, lx+w) reduced by ``f``
+        one JPEG tile at a time, or None where that is not exact: a page that is not 3-sample
+        JPEG, tiles or a region off the f grid (then a 2 x 2 cell would span two tiles).
+
+        ``dct=False``: each tile decoded in full, straight to RGBX (which Pillow maps without
+        a copy), and box-averaged by Pillow's ``reduce`` while in cache: bit-identical to
+        decoding the region and reducing it (rounding half up), at a fraction of the copies.
+        ``dct=True``: each tile decoded at 1/``f`` (2 or 4, tiles multiples of 8 * f) in
+        the DCT domain (:mod:`tmequant.wsi.jpeg`): faster, not identical. ``only``: (k, 4)
+        x0, y0, x1, y1 boxes in output px that the caller will use; a tile under none of
+        them is not decoded (left white)."""
         page = self.pages[level]
         tw, th = page.tilewidth, page.tilelength
-        if (page.compression != 7 or f not in jpeg.SCALES or tw % (8 * f) or th % (8 * f)
-                or lx % f or ly % f or w % f or h % f or page.samplesperpixel != 3):
+        if (page.compression != 7 or page.samplesperpixel != 3 or page.extrasamples
+                or tw % f or th % f or lx % f or ly % f or w % f or h % f
+                or (dct and (f not in jpeg.SCALES or tw % (8 * f) or th % (8 * f)))):
             return None
-        ntx = -(-page.imagewidth // tw)
+        from PIL import Image
+
         rgb = page.photometric == 2  # Photometric=RGB: stored without colour transform
         tables = page.jpegtables
+        if dct:
+            def decode(data: bytes) -> np.ndarray:
+                return jpeg.decode_scaled(jpeg.jpeg_stream(data, tables, rgb), f, (tw, th))
+        else:
+            # tifffile's colour spaces (Aperio's RGB JPEG carries no marker saying so);
+            # libjpeg-turbo's RGBX output: 4 bytes a pixel, Pillow's own layout
+            import imagecodecs
+
+            cs = 2 if rgb and not page.is_jfif else None
+            rgbx = np.empty((th, tw, 4), np.uint8)  # one per call: threads share the reader
+
+            def decode(data: bytes) -> np.ndarray:
+                imagecodecs.jpeg8_decode(data, tables=tables, colorspace=cs, outcolorspace=7, out=rgbx)
+                im = Image.frombuffer("RGBX", (tw, th), rgbx, "raw", "RGBX", 0, 1).reduce(f)
+                return np.frombuffer(im.tobytes("raw", "RGB"), np.uint8).reshape(th // f, tw // f, 3)
+        ntx = -(-page.imagewidth // tw)
         sw, sh, stw, sth = w // f, h // f, tw // f, th // f
         out = np.empty((sh, sw, 3), np.uint8)
         offsets, counts = page.dataoffsets, page.databytecounts
-        for ty in range(ly // th, (ly + h - 1) // th + 1):
-            for tx in range(lx // tw, (lx + w - 1) // tw + 1):
+        ty0, tx0 = ly // th, lx // tw
+        need = None if only is None else _tiles_under(only, f, lx - tx0 * tw, ly - ty0 * th, tw, th,
+                                                       (ly + h - 1) // th - ty0 + 1,
+                                                       (lx + w - 1) // tw - tx0 + 1)
+        for ty in range(ty0, (ly + h - 1) // th + 1):
+            for tx in range(tx0, (lx + w - 1) // tw + 1):
                 idx = ty * ntx + tx
                 # tile and region in scaled pixels
                 y0, x0 = ty * sth, tx * stw
                 ys, ye = max(ly // f, y0), min((ly + h) // f, y0 + sth)
                 xs, xe = max(lx // f, x0), min((lx + w) // f, x0 + stw)
                 dst = out[ys - ly // f : ye - ly // f, xs - lx // f : xe - lx // f]
+                if need is not None and not need[ty - ty0, tx - tx0]:
+                    dst[...] = 255  # under no kept tile: the tiler decodes only what it keeps
+                    continue
                 if counts[idx] == 0:  # sparse tile: nothing was scanned there
                     dst[...] = 255
                     continue
-                data = os.pread(self._fd, counts[idx], offsets[idx])
-                tile = jpeg.decode_scaled(jpeg.jpeg_stream(data, tables, rgb), f, (tw, th))
+                tile = decode(os.pread(self._fd, counts[idx], offsets[idx]))
                 dst[...] = tile[ys - y0 : ye - y0, xs - x0 : xe - x0, :3]
         return out
 
     def close(self) -> None:
         os.close(self._fd)
         self._tf.close()
+
+
+def _tiles_under(boxes: np.ndarray, f: int, ox: int, oy: int, tw: int, th: int,
+                 n_rows: int, n_cols: int) -> np.ndarray:
+    """(n_rows, n_cols) bool: which tiles of a region overlap one of ``boxes`` ((k, 4)
+    x0, y0, x1, y1 in the region's output px, ``f`` level px each); the region starts
+    ``ox``, ``oy`` level px into its first tile."""
+    need = np.zeros((n_rows, n_cols), bool)
+    for x0, y0, x1, y1 in np.asarray(boxes, np.int64).tolist():
+        if x1 > x0 and y1 > y0:
+            need[(oy + y0 * f) // th:(oy + y1 * f - 1) // th + 1,
+                 (ox + x0 * f) // tw:(ox + x1 * f - 1) // tw + 1] = True
+    return need
 
 
 class _OpenSlideBackend:
