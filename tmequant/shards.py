@@ -23,10 +23,8 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 from tmequant.codecs import ImageCodec, encode_image
 
 _ABSENT = np.uint64(2**64 - 1)  # the spec's (offset, nbytes) of a chunk not stored
-ChunkEncoder = Callable[[np.ndarray], "Parts"]
-
-
 Parts = list[Any]  # bytes-like pieces of one encoded chunk, in order (joined once per shard)
+ChunkEncoder = Callable[[np.ndarray], Parts]
 
 
 def _crc32c(parts: Parts) -> bytes:

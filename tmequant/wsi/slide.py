@@ -452,8 +452,6 @@ class _TiledTiffLevels:
                 or tw % f or th % f or lx % f or ly % f or w % f or h % f
                 or (dct and (f not in jpeg.SCALES or tw % (8 * f) or th % (8 * f)))):
             return None
-        from PIL import Image
-
         rgb = page.photometric == 2  # Photometric=RGB: stored without colour transform
         tables = page.jpegtables
         if dct:
@@ -463,6 +461,7 @@ class _TiledTiffLevels:
             # tifffile's colour spaces (Aperio's RGB JPEG carries no marker saying so);
             # libjpeg-turbo's RGBX output: 4 bytes a pixel, Pillow's own layout
             import imagecodecs
+            from PIL import Image
 
             cs = 2 if rgb and not page.is_jfif else None
             rgbx = np.empty((th, tw, 4), np.uint8)  # one per call: threads share the reader
@@ -487,10 +486,9 @@ class _TiledTiffLevels:
                 ys, ye = max(ly // f, y0), min((ly + h) // f, y0 + sth)
                 xs, xe = max(lx // f, x0), min((lx + w) // f, x0 + stw)
                 dst = out[ys - ly // f : ye - ly // f, xs - lx // f : xe - lx // f]
-                if need is not None and not need[ty - ty0, tx - tx0]:
-                    dst[...] = 255  # under no kept tile: the tiler decodes only what it keeps
-                    continue
-                if counts[idx] == 0:  # sparse tile: nothing was scanned there
+                # a sparse tile (nothing scanned there), or one under no kept tile (the
+                # tiler decodes only what it keeps): glass
+                if counts[idx] == 0 or (need is not None and not need[ty - ty0, tx - tx0]):
                     dst[...] = 255
                     continue
                 tile = decode(os.pread(self._fd, counts[idx], offsets[idx]))
